@@ -1,0 +1,5 @@
+"""The `pumer-plug` command."""
+
+
+def main(argv=None) -> int:
+    raise SystemExit("pumer-plug: not built yet")

@@ -1,0 +1,68 @@
+"""Named registries for adapters (where things are in a backbone) and methods (what to do with tokens).
+
+One decorator registers a thing, one getter builds it, one lister finds it with a wildcard, in the
+manner of timm's ``register_model`` / ``create_model`` / ``list_models``.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> object table with helpful errors.
+
+    Example:
+        >>> ADAPTERS = Registry("adapter")
+        >>> @ADAPTERS.register("vilt")
+        ... class ViltAdapter: ...
+        >>> ADAPTERS.get("vilt") is ViltAdapter
+        True
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Returns a decorator that stores its argument under ``name``.
+
+        Raises:
+            ValueError: if ``name`` is already registered.
+        """
+
+        def decorator(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        """Returns the entry called ``name``.
+
+        Raises:
+            ValueError: naming the unknown entry and listing the registered ones.
+        """
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(self.list()) or "(none)"
+            raise ValueError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {known}") from None
+
+    def list(self, pattern: str = "*") -> list[str]:
+        """Returns the sorted names matching a shell-style wildcard ``pattern``."""
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._entries.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+ADAPTERS: Registry = Registry("adapter")
+METHODS: Registry = Registry("method")

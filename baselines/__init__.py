@@ -1,0 +1,1 @@
+"""Baseline token-reduction methods behind the same ``apply()`` interface."""

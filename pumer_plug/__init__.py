@@ -1,2 +1,35 @@
-"""pumer-plug: plug-in token reduction for vision-language transformers."""
+"""pumer-plug: plug-in token reduction for vision-language transformers.
+
+Example:
+    >>> import pumer_plug
+    >>> handle = pumer_plug.apply(model, adapter="auto", config=pumer_plug.PumerConfig.preset("vilt-vqa"))
+    >>> model(**batch)          # runs with PuMer's token reducers
+    >>> handle.remove()         # the model is exactly as before
+"""
+from pumer_plug.config import PumerConfig
+from pumer_plug.handle import ReductionHandle, TokenCount, apply, detect_adapter, make_method
+from pumer_plug.method import ReductionMethod
+from pumer_plug.pumer import Pumer
+from pumer_plug.registry import ADAPTERS, METHODS
+
 __version__ = "0.1.0"
+
+
+def list_adapters(pattern: str = "*") -> list[str]:
+    """Names of the registered backbone adapters matching a wildcard."""
+    return ADAPTERS.list(pattern)
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Names of the registered reduction methods matching a wildcard."""
+    return METHODS.list(pattern)
+
+
+# Importing the plug-in packages fills the registries.
+from pumer_plug import adapters as _adapters  # noqa: E402,F401
+from pumer_plug import baselines as _baselines  # noqa: E402,F401
+
+__all__ = [
+    "PumerConfig", "ReductionHandle", "ReductionMethod", "TokenCount", "Pumer",
+    "apply", "detect_adapter", "make_method", "list_adapters", "list_methods",
+]

@@ -1,0 +1,132 @@
+"""PuMer's configuration: where to reduce and by how much, with the paper's presets."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from pumer_plug.ops.reduce import merge_count, prune_count
+
+
+def check_ratio(owner: str, name: str, value: float) -> None:
+    """Raises ValueError unless ``value`` is a ratio in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{owner}.{name} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.{name} must be in [0, 1), got {value!r}")
+
+
+def check_layers(owner: str, name: str, layers: Any) -> tuple[int, ...]:
+    """Returns ``layers`` as a tuple; raises ValueError unless they are unique, sorted ints >= 0."""
+    try:
+        layers = tuple(layers)
+    except TypeError:
+        raise ValueError(f"{owner}.{name} must be a sequence of layer indices, got {layers!r}") from None
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ValueError(f"{owner}.{name} must hold layer indices (ints >= 0), got {layers!r}")
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"{owner}.{name} must be unique and sorted ascending, got {layers!r}")
+    return layers
+
+
+@dataclass(frozen=True)
+class PumerConfig:
+    """PuMer token reducers (PuMer Sec. 4, Alg. 1).
+
+    Attributes:
+        reduction_layers: 0-based indices of the cross-modal layers that hold a token reducer;
+            unique, ascending, and below the model's cross-modal depth (checked at ``apply``).
+        prune_ratio: k, the fraction of image tokens pruned by text-saliency score per reducer.
+        image_merge_ratio: r, fraction of (pruned) image tokens merged away per reducer.
+        text_merge_ratio: t, fraction of text tokens merged away per reducer.
+        proportional_attention: add ``log(size)`` of merged tokens to attention logits (ToMe).
+            Off by default: PuMer's released code does not use it.
+
+    Raises:
+        ValueError: a ratio outside [0, 1) or bad reduction layers; the message names the field.
+
+    Example:
+        >>> PumerConfig(reduction_layers=(2, 5, 8), prune_ratio=0.1, image_merge_ratio=0.3)
+    """
+
+    reduction_layers: tuple[int, ...] = (2, 5, 8)
+    prune_ratio: float = 0.1
+    image_merge_ratio: float = 0.3
+    text_merge_ratio: float = 0.2
+    proportional_attention: bool = False
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    PRESET_SOURCES: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reduction_layers", check_layers("PumerConfig", "reduction_layers", self.reduction_layers))
+        for name in ("prune_ratio", "image_merge_ratio", "text_merge_ratio"):
+            check_ratio("PumerConfig", name, getattr(self, name))
+        if not isinstance(self.proportional_attention, bool):
+            raise ValueError(f"PumerConfig.proportional_attention must be a bool, got {self.proportional_attention!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "PumerConfig":
+        """Returns a named preset from the paper or the official PuMer code (see ``PRESET_SOURCES``).
+
+        Raises:
+            ValueError: unknown preset, listing the known ones.
+        """
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown PuMer preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def list_presets(cls) -> list[str]:
+        return sorted(cls.PRESETS)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PumerConfig":
+        """Builds a config from a mapping (e.g. a parsed JSON/YAML file); unknown keys raise."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PumerConfig field(s) {unknown}; fields: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.prune_ratio or self.image_merge_ratio or self.text_merge_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        layers = ",".join(map(str, self.reduction_layers))
+        return f"layers={layers} k={self.prune_ratio:g} r={self.image_merge_ratio:g} t={self.text_merge_ratio:g}"
+
+    def token_schedule(self, num_text: int, num_image: int, num_layers: int) -> list[tuple[int, int]]:
+        """Real (text, image) token counts leaving every layer, for one row without padding.
+
+        Assumes one protected token per segment (text CLS, image CLS), as in ViLT and METER.
+        """
+        counts, t, v = [], num_text, num_image
+        for layer in range(num_layers):
+            if layer in self.reduction_layers:
+                v -= prune_count(v, self.prune_ratio, 1)
+                v -= merge_count(v, self.image_merge_ratio, 1)
+                t -= merge_count(t, self.text_merge_ratio, 1)
+            counts.append((t, v))
+        return counts
+
+
+def _register(name: str, source: str, **values: Any) -> None:
+    PumerConfig.PRESETS[name] = values
+    PumerConfig.PRESET_SOURCES[name] = source
+
+
+_OFFICIAL = "csarron/PuMer notes/cmd.md"
+_register("vilt-vqa", f"{_OFFICIAL} (vilt-vqa2-pumer)", reduction_layers=(2, 5, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2)
+_register("vilt-ve", "PuMer Table 4 (PuMer row) / released vilt-ve-p0.1r0.3t0.2-2468", reduction_layers=(2, 4, 6, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2)
+_register("vilt-nlvr2", f"{_OFFICIAL} (vilt-nlvr2-pumer reuses l=2,5,8 k=0.1 r=0.3 t=0.2)", reduction_layers=(2, 5, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2)
+# METER: the official code counts two layer indices per cross-modal block (text layer, image
+# layer: ``layer_idx += 2``), so its reduce_layers 0,2,4,6 are our cross-modal blocks 0,1,2,3.
+_register("meter-vqa", "PuMer Table 6 (METER VQAv2: official layers 0,2,4,6)", reduction_layers=(0, 1, 2, 3), prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2)
+_register("meter-nlvr2", "PuMer Table 6 (METER NLVR2: official layers 2,4,6)", reduction_layers=(1, 2, 3), prune_ratio=0.3, image_merge_ratio=0.5, text_merge_ratio=0.2)
+_register("meter-ve", "PuMer Table 6 (METER SNLI-VE: official layers 0,2,4,6)", reduction_layers=(0, 1, 2, 3), prune_ratio=0.3, image_merge_ratio=0.5, text_merge_ratio=0.2)
+_register("meter-retrieval", "PuMer Table 6 (METER retrieval: official layers 2,4,6)", reduction_layers=(1, 2, 3), prune_ratio=0.2, image_merge_ratio=0.5, text_merge_ratio=0.2)

@@ -1,0 +1,67 @@
+"""The method side of the plug-in: what to do with the tokens an adapter hands over.
+
+A method never asks which backbone it runs on. At each of its reduction layers the adapter
+captures what the method asks for (``needs_keys``, ``needs_text_saliency``) into a
+:class:`~pumer_plug.stream.TokenStream` and calls :meth:`ReductionMethod.reduce`, which returns the
+plan that the adapter then applies to hidden states and residuals.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+from pumer_plug.stream import TokenStream
+
+
+class ReductionMethod:
+    """Base class of token-reduction methods (PuMer, ToMe, DynamicViT, SmRes).
+
+    Subclasses set ``name`` and ``config_class`` and implement :meth:`reduce`.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    needs_keys: ClassVar[bool] = False
+    needs_text_saliency: ClassVar[bool] = False
+    #: merges tokens within a segment; heads that read one output per input text token break.
+    merges_text: bool = False
+
+    def __init__(self, config: Any) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"method {self.name!r} takes a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+
+    def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The layers (0-based, below ``num_layers``) that reduce tokens.
+
+        Raises:
+            ValueError: a configured layer is beyond the model's reducible depth.
+        """
+        layers = tuple(self.config.reduction_layers)
+        bad = [i for i in layers if i >= num_layers]
+        if bad:
+            raise ValueError(
+                f"{type(self.config).__name__}.reduction_layers {list(layers)} has layer(s) {bad} beyond "
+                f"the model's {num_layers} reducible layers (allowed: 0..{num_layers - 1})"
+            )
+        return layers
+
+    def proportional_attention(self) -> bool:
+        return bool(getattr(self.config, "proportional_attention", False))
+
+    def reduce(self, layer: int, stream: TokenStream):
+        """Reduces ``stream`` at ``layer`` and returns the plan over the whole stream."""
+        raise NotImplementedError
+
+    def modules(self) -> nn.Module | None:
+        """Learned parameters the method owns (DynamicViT's predictors); None for parameter-free ones."""
+        return None
+
+    def on_forward_start(self) -> None:
+        """Called once per model forward before any layer runs."""
+
+    def on_forward_end(self) -> None:
+        """Called once per model forward after the last layer."""

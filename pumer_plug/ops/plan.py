@@ -1,0 +1,139 @@
+"""Reduction plans: where every input token goes, so one reduction applies to any per-token tensor.
+
+A plan maps each of the N input tokens of a row to one of ``num_out`` output slots, or to the
+discard slot ``num_out`` (pruned tokens, padding). Tokens sharing a slot are merged by a
+size-weighted average, as in ToMe's ``merge_wavg``. Output slots that receive no real token are
+padding slots (mask 0). The same plan is applied to hidden states, residuals, masks and sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """Destination slot of every token.
+
+    Attributes:
+        dest: (B, N) int64, values in [0, num_out]; ``num_out`` means "discard". ``None`` is the
+            identity plan (nothing reduced), which every ``apply_*`` returns unchanged.
+        num_out: number of output tokens per row (the padded length after reduction).
+        removed: (B,) host tuple, real tokens removed per row (for reporting), or empty.
+    """
+
+    dest: torch.Tensor | None
+    num_out: int
+    removed: tuple[int, ...] = ()
+
+    @classmethod
+    def identity(cls, num_tokens: int) -> "ReductionPlan":
+        return cls(dest=None, num_out=num_tokens)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.dest is None
+
+    def apply(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+        """Merges ``x`` by the plan, weighting each token by its size.
+
+        Shapes:
+            x (B, N, C), size (B, N, 1) or None (all ones) -> (B, num_out, C)
+        """
+        if self.dest is None:
+            return x
+        B, N, C = x.shape
+        weighted = x if size is None else x * size.to(x.dtype)
+        index = self.dest.unsqueeze(-1).expand(B, N, C)  # (B, N, C)
+        out = x.new_zeros(B, self.num_out + 1, C).scatter_add_(1, index, weighted)
+        total = self._scatter_sizes(size, x.dtype)  # (B, num_out + 1, 1)
+        return (out / total.clamp_min(1e-6))[:, : self.num_out]
+
+    def apply_size(self, size: torch.Tensor) -> torch.Tensor:
+        """Sums token sizes into their slots; empty (padding) slots get size 1.
+
+        Shapes:
+            size (B, N, 1) -> (B, num_out, 1)
+        """
+        if self.dest is None:
+            return size
+        total = self._scatter_sizes(size, size.dtype)
+        total = total[:, : self.num_out]
+        return torch.where(total > 0, total, torch.ones_like(total))
+
+    def apply_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """An output slot is real when any real token lands in it.
+
+        Shapes:
+            mask (B, N) bool -> (B, num_out) bool
+        """
+        if self.dest is None:
+            return mask
+        B = mask.shape[0]
+        out = torch.zeros(B, self.num_out + 1, dtype=torch.int32, device=mask.device)
+        out.scatter_add_(1, self.dest, mask.to(torch.int32))
+        return out[:, : self.num_out] > 0
+
+    def then(self, later: "ReductionPlan") -> "ReductionPlan":
+        """Composes two plans: ``self`` first, then ``later`` on its output."""
+        if later.dest is None:
+            return self
+        if self.dest is None:
+            return later
+        trash = torch.full_like(later.dest[:, :1], later.num_out)
+        later_ext = torch.cat([later.dest, trash], dim=1)  # (B, num_mid + 1)
+        dest = later_ext.gather(1, self.dest)  # (B, N)
+        removed = _add_counts(self.removed, later.removed)
+        return ReductionPlan(dest=dest, num_out=later.num_out, removed=removed)
+
+    def _scatter_sizes(self, size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        B, N = self.dest.shape
+        src = torch.ones(B, N, 1, dtype=dtype, device=self.dest.device) if size is None else size.to(dtype)
+        total = torch.zeros(B, self.num_out + 1, 1, dtype=dtype, device=self.dest.device)
+        return total.scatter_add_(1, self.dest.unsqueeze(-1), src)
+
+
+def concat_plans(plans: list[ReductionPlan], lengths: list[int]) -> ReductionPlan:
+    """Joins plans over consecutive segments (e.g. ``[text | image]``) into one plan.
+
+    Args:
+        plans: one plan per segment, in sequence order.
+        lengths: the input length of each segment (needed for identity plans).
+
+    Shapes:
+        segment i has N_i input tokens -> (B, sum N_i) dest, num_out = sum of num_out_i.
+    """
+    if all(p.dest is None for p in plans):
+        return ReductionPlan.identity(sum(lengths))
+    batch = next(p.dest for p in plans if p.dest is not None).shape[0]
+    device = next(p.dest for p in plans if p.dest is not None).device
+    total_out = sum(p.num_out for p in plans)
+    pieces, offset, removed = [], 0, ()
+    for plan, n in zip(plans, lengths):
+        dest = plan.dest
+        if dest is None:
+            dest = torch.arange(n, device=device).expand(batch, n)
+        pieces.append(torch.where(dest < plan.num_out, dest + offset, torch.full_like(dest, total_out)))
+        offset += plan.num_out
+        removed = _add_counts(removed, plan.removed)
+    return ReductionPlan(dest=torch.cat(pieces, dim=1), num_out=total_out, removed=removed)
+
+
+def _add_counts(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    if not a:
+        return b
+    if not b:
+        return a
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def compact_plan(keep: torch.Tensor, num_out: int, removed: tuple[int, ...] = ()) -> ReductionPlan:
+    """Plan that keeps the tokens where ``keep`` is true, in their original order.
+
+    Shapes:
+        keep (B, N) bool with at most ``num_out`` true per row -> dest (B, N)
+    """
+    slot = keep.to(torch.int64).cumsum(dim=1) - 1  # (B, N)
+    dest = torch.where(keep, slot, torch.full_like(slot, num_out))
+    return ReductionPlan(dest=dest, num_out=num_out, removed=removed)

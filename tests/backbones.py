@@ -1,0 +1,105 @@
+"""Tiny backbones built from configs (random init) and method configs for the test matrix.
+
+Every adapter registers a ``TinyBackbone`` here and every method a config factory, so that
+``test_lifecycle.py`` runs each method x adapter pair for free (timm's registry-driven tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from pumer_plug import PumerConfig
+
+
+@dataclass
+class TinyBackbone:
+    """A tiny model of one backbone family and the inputs it takes.
+
+    Attributes:
+        adapter: the adapter name.
+        build: returns the model in eval mode (seeded, random init).
+        make_batch: returns padded model kwargs for a batch of 3 rows with mixed text lengths.
+        split: turns that batch into one kwargs dict per row, padding removed.
+        logits: picks the tensor to compare from the model's output.
+        num_layers: reducible layers of the tiny model.
+        modalities: which of "text"/"image" it carries (image-only ViTs have no text).
+    """
+
+    adapter: str
+    build: Callable[[], nn.Module]
+    make_batch: Callable[[], dict]
+    split: Callable[[dict], list[dict]]
+    logits: Callable[[Any], torch.Tensor]
+    num_layers: int
+    modalities: tuple[str, ...] = ("text", "image")
+    tags: dict = field(default_factory=dict)
+
+
+BACKBONES: dict[str, TinyBackbone] = {}
+# method name -> (reducing config factory(num_layers, modalities), zero-reduction config factory or None)
+METHOD_CONFIGS: dict[str, tuple[Callable[[int, tuple], Any], Callable[[int, tuple], Any] | None]] = {}
+
+
+def text_batch(batch_size: int = 3, max_len: int = 9, vocab: int = 90, lengths=(9, 6, 4), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch_size, max_len), generator=g)
+    mask = (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    return ids, mask
+
+
+def split_text_rows(batch: dict, text_keys=("input_ids", "attention_mask", "token_type_ids")) -> list[dict]:
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        row = {}
+        for k, v in batch.items():
+            if not torch.is_tensor(v):
+                row[k] = v
+            elif k in text_keys:
+                row[k] = v[i : i + 1, :n]
+            else:
+                row[k] = v[i : i + 1]
+        rows.append(row)
+    return rows
+
+
+# -- ViLT -------------------------------------------------------------------------------------
+def tiny_vilt_config(**overrides):
+    from transformers import ViltConfig
+
+    values = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                  image_size=64, patch_size=16, max_position_embeddings=40, num_labels=5, vocab_size=100)
+    values.update(overrides)
+    return ViltConfig(**values)
+
+
+def build_vilt(cls_name: str = "ViltForQuestionAnswering", **overrides) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(tiny_vilt_config(**overrides)).eval()
+
+
+def vilt_batch() -> dict:
+    ids, mask = text_batch()
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 64, 96, generator=g)}
+
+
+BACKBONES["vilt"] = TinyBackbone("vilt", build_vilt, vilt_batch, split_text_rows, lambda out: out.logits, num_layers=4)
+
+
+def pumer_reducing(num_layers: int, modalities: tuple) -> PumerConfig:
+    layers = (0, num_layers // 2) if num_layers > 2 else (0,)
+    return PumerConfig(reduction_layers=layers, prune_ratio=0.2, image_merge_ratio=0.3, text_merge_ratio=0.2)
+
+
+def pumer_zero(num_layers: int, modalities: tuple) -> PumerConfig:
+    return PumerConfig(reduction_layers=(0,), prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0)
+
+
+METHOD_CONFIGS["pumer"] = (pumer_reducing, pumer_zero)

@@ -1,0 +1,199 @@
+"""Comparison rows, printed tables and result files for ``pumer-plug compare`` / ``bench``.
+
+Every ratio is taken against the baseline (dense) row *of the same run*, never a stored time.
+A row is a flat dict: the measurement keys below plus every field of the environment record, so
+``results.jsonl`` can be loaded straight into a data frame.
+
+Example:
+    >>> rows = compare_rows(variants, environment=env, accuracy=acc, throughput=tp,
+    ...                     memory=mem, gflops=flops, baseline="dense")
+    >>> print(format_table(rows))
+    >>> write_results(rows, "runs/compare")
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tabulate import tabulate
+
+from .measure import MEMORY_METHODS
+
+# Printed header -> row key, in the printed order.
+TABLE_COLUMNS: dict[str, str] = {
+    "method": "method",
+    "config": "config",
+    "accuracy": "accuracy",
+    "accuracy change": "accuracy_change_points",
+    "throughput (examples/s)": "throughput_per_s",
+    "throughput increase": "throughput_increase",
+    "peak memory (MiB)": "peak_memory_mib",
+    "memory reduction": "memory_reduction",
+    "GFLOPs per example": "gflops_per_example",
+}
+# Row keys kept in JSON only.
+EXTRA_KEYS = ("baseline", "latency_ms", "throughput_per_s_rounds", "activation_memory_mib",
+              "memory_method")
+MEASUREMENT_KEYS = frozenset(TABLE_COLUMNS.values()) | frozenset(EXTRA_KEYS)
+
+
+def _field(value: Any, attribute: str) -> Any:
+    """Returns ``value.attribute`` for result objects, ``value`` itself for plain numbers."""
+    return getattr(value, attribute, value)
+
+
+def _lookup(table: Mapping[str, Any] | None, name: str, what: str) -> Any:
+    if table is None:
+        return None
+    if name not in table:
+        raise ValueError(f"no {what} for variant {name!r}; have {sorted(table)}")
+    return table[name]
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def _measurements(name: str, accuracy, throughput, memory, gflops) -> dict[str, Any]:
+    """Returns one variant's raw measurements (None where not measured)."""
+    acc = _lookup(accuracy, name, "accuracy")
+    if acc is not None and not 0.0 <= acc <= 1.0:
+        raise ValueError(f"accuracy of {name!r} must be a fraction in [0, 1], got {acc}")
+    tput = _lookup(throughput, name, "throughput")
+    mem = _lookup(memory, name, "memory")
+    return {
+        "accuracy": acc,
+        "throughput_per_s": _field(tput, "throughput_per_s"),
+        "latency_ms": getattr(tput, "latency_ms", None),
+        "throughput_per_s_rounds": list(getattr(tput, "throughput_per_s_rounds", ())),
+        "peak_memory_mib": _field(mem, "peak_memory_mib"),
+        "activation_memory_mib": getattr(mem, "activation_memory_mib", None),
+        "memory_method": getattr(mem, "memory_method", None),
+        "gflops_per_example": _lookup(gflops, name, "GFLOPs"),
+    }
+
+
+def compare_rows(
+    variants: Sequence[Any],
+    *,
+    environment: Mapping[str, Any],
+    accuracy: Mapping[str, float | None] | None = None,
+    throughput: Mapping[str, Any] | None = None,
+    memory: Mapping[str, Any] | None = None,
+    gflops: Mapping[str, float] | None = None,
+    baseline: str = "dense",
+) -> list[dict[str, Any]]:
+    """Returns one row per variant with ratios against the ``baseline`` variant.
+
+    Args:
+        variants: Objects with ``.name`` and ``.config`` (e.g. ``measure.Variant``), in row order.
+        environment: ``measure.environment_record(...)``; its fields are copied into every row.
+        accuracy: ``{name: fraction in [0, 1]}``; a value may be None (not evaluated).
+        throughput: ``{name: ThroughputResult or examples/s}``.
+        memory: ``{name: MemoryResult or peak MiB}``.
+        gflops: ``{name: GFLOPs per example}``.
+        baseline: Name of the dense variant the ratios refer to.
+
+    Returns:
+        Rows with the keys of ``TABLE_COLUMNS`` (accuracy change in percentage points,
+        ``throughput_increase`` = variant / dense, ``memory_reduction`` = dense / variant),
+        ``EXTRA_KEYS`` and the environment fields. Unmeasured values are None.
+
+    Raises:
+        ValueError: if ``baseline`` is not a variant name, a given table lacks a variant, or an
+            accuracy lies outside [0, 1].
+    """
+    names = [v.name for v in variants]
+    if baseline not in names:
+        raise ValueError(f"baseline variant {baseline!r} is not among the variants {names}")
+    raw = {v.name: _measurements(v.name, accuracy, throughput, memory, gflops) for v in variants}
+    base = raw[baseline]
+    rows = []
+    for variant in variants:
+        m = raw[variant.name]
+        change = None
+        if m["accuracy"] is not None and base["accuracy"] is not None:
+            change = 100.0 * (m["accuracy"] - base["accuracy"])
+        rows.append({
+            "method": variant.name, "config": variant.config, **m,
+            "accuracy_change_points": change,
+            "throughput_increase": _ratio(m["throughput_per_s"], base["throughput_per_s"]),
+            "memory_reduction": _ratio(base["peak_memory_mib"], m["peak_memory_mib"]),
+            "baseline": baseline,
+            **environment,
+        })
+    return rows
+
+
+def _format_cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    formats = {
+        "accuracy": lambda v: f"{100.0 * v:.2f}%",
+        "accuracy_change_points": lambda v: f"{v:+.2f}",
+        "throughput_per_s": lambda v: f"{v:.1f}",
+        "throughput_increase": lambda v: f"{v:.2f}x",
+        "peak_memory_mib": lambda v: f"{v:.1f}",
+        "memory_reduction": lambda v: f"{v:.2f}x",
+        "gflops_per_example": lambda v: f"{v:.3g}",
+    }
+    return formats.get(key, str)(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], tablefmt: str = "github") -> str:
+    """Returns the rows as a table with exactly the ``TABLE_COLUMNS`` headers (via tabulate)."""
+    body = [[_format_cell(key, row.get(key)) for key in TABLE_COLUMNS.values()] for row in rows]
+    return tabulate(body, headers=list(TABLE_COLUMNS), tablefmt=tablefmt, disable_numparse=True)
+
+
+def environment_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns the environment fields of a row (everything that is not a measurement)."""
+    return {k: v for k, v in row.items() if k not in MEASUREMENT_KEYS}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["# Results", "", format_table(rows), "",
+             "Accuracy change is in percentage points; ratios are against the "
+             f"`{rows[0].get('baseline')}` row of the same run.", "", "## Environment", ""]
+    lines += [f"- {key}: {value}" for key, value in environment_of(rows[0]).items()]
+    methods = sorted({row.get("memory_method") for row in rows if row.get("memory_method")})
+    lines += ["", "## Memory method", ""]
+    lines += [f"- `{m}`: {MEMORY_METHODS.get(m, '(undocumented)')}" for m in methods] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | Path) -> dict[str, Path]:
+    """Appends the rows to ``results.jsonl`` and (re)writes ``results.md`` in ``output_dir``.
+
+    ``results.jsonl`` gets one JSON object per row and is only ever appended to, so successive
+    runs accumulate; ``results.md`` shows this call's rows, environment and memory method.
+
+    Returns:
+        ``{"jsonl": path, "markdown": path}``.
+
+    Raises:
+        ValueError: if ``rows`` is empty.
+    """
+    if not rows:
+        raise ValueError("no rows to write")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    jsonl, markdown = output_dir / "results.jsonl", output_dir / "results.md"
+    text = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}, default=str) + "\n"
+                   for row in rows)
+    with jsonl.open("a", encoding="utf-8") as handle:
+        handle.write(text)
+    markdown.write_text(_markdown(rows), encoding="utf-8")
+    return {"jsonl": jsonl, "markdown": markdown}

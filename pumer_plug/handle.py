@@ -7,6 +7,7 @@ classes, ``vars()``, ``state_dict()`` tensors and outputs as before.
 """
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,6 +57,9 @@ class ReductionHandle:
         self._hooks: list[RemovableHandle] = []
         self._attributes: list[tuple[Any, str]] = []
         self._removed = False
+        #: set to True to accumulate the wall time spent inside this handle's hooks in ``hook_seconds``
+        self.time_hooks = False
+        self.hook_seconds = 0.0
 
     # -- results of the last forward -------------------------------------------------------
     @property
@@ -80,10 +84,27 @@ class ReductionHandle:
 
     # -- what adapters use to attach -------------------------------------------------------
     def add_forward_pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
-        self._hooks.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+        self._hooks.append(module.register_forward_pre_hook(self._timed(fn), with_kwargs=with_kwargs))
 
     def add_forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
-        self._hooks.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+        self._hooks.append(module.register_forward_hook(self._timed(fn), with_kwargs=with_kwargs))
+
+    def _timed(self, fn: Callable) -> Callable:
+        """Wraps a hook so that, while ``time_hooks`` is on, its wall time adds to ``hook_seconds``.
+
+        On CUDA the timing is only meaningful with ``CUDA_LAUNCH_BLOCKING=1``; benchmarks use it on CPU.
+        """
+
+        def hook(*args: Any) -> Any:
+            if not self.time_hooks:
+                return fn(*args)
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.hook_seconds += time.perf_counter() - start
+
+        return hook
 
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
         """Sets an instance attribute on a foreign object; ``remove()`` deletes it again.

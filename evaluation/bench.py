@@ -1,0 +1,119 @@
+"""Speed benchmark of a reduction method on a backbone built from its config (random init).
+
+``pumer-plug bench`` calls :func:`run_bench`: the dense model and the plugged model are timed
+interleaved in one process (:func:`~pumer_plug.evaluation.measure.measure_throughput`), FLOPs are
+counted over the real reduced forward, and the share of plugged time spent inside the reducers'
+hooks is timed separately. Random weights give the same token counts and FLOPs as trained ones;
+only accuracy needs a trained model (``pumer-plug compare``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_throughput
+from pumer_plug.handle import apply
+
+BENCH_MODELS: dict[str, Callable[..., "BenchSetup"]] = {}
+
+
+@dataclass
+class BenchSetup:
+    """A model, one input batch, and the method config the issue's benchmark prescribes."""
+
+    model: nn.Module
+    batch: dict[str, torch.Tensor]
+    adapter: str
+    config: Any
+    description: str
+
+
+def register_bench_model(name: str):
+    def decorator(fn: Callable[..., BenchSetup]) -> Callable[..., BenchSetup]:
+        BENCH_MODELS[name] = fn
+        return fn
+
+    return decorator
+
+
+@register_bench_model("vilt-b32")
+def vilt_b32(batch_size: int = 8, text_len: int = 40, image_hw: tuple[int, int] = (384, 640)) -> BenchSetup:
+    """ViLT-B/32 from the default ``ViltConfig``; PuMer at layers 2,4,6,8, k=0.1, r=0.3, t=0.2."""
+    from transformers import ViltConfig, ViltForQuestionAnswering
+
+    from pumer_plug.config import PumerConfig
+
+    torch.manual_seed(0)
+    model = ViltForQuestionAnswering(ViltConfig()).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (batch_size, text_len), generator=g),
+        "attention_mask": torch.ones(batch_size, text_len, dtype=torch.long),
+        "pixel_values": torch.randn(batch_size, 3, *image_hw, generator=g),
+    }
+    config = PumerConfig(reduction_layers=(2, 4, 6, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2)
+    desc = f"ViLT-B/32 default ViltConfig, batch {batch_size}, {text_len} text tokens, {image_hw[0]}x{image_hw[1]} images"
+    return BenchSetup(model, batch, "vilt", config, desc)
+
+
+def reducer_time_share(model: nn.Module, batch: dict, attach: Callable, forwards: int = 3) -> float:
+    """Fraction of the plugged forward's wall time spent inside the handle's hooks (CPU timing)."""
+    handle = attach(model)
+    try:
+        with torch.inference_mode():
+            model(**batch)  # warm-up
+            handle.time_hooks, handle.hook_seconds = True, 0.0
+            start = time.perf_counter()
+            for _ in range(forwards):
+                model(**batch)
+            total = time.perf_counter() - start
+    finally:
+        handle.remove()
+    return handle.hook_seconds / total
+
+
+def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup: int = 1,
+              num_threads: int | None = None) -> dict[str, Any]:
+    """Times dense vs. plugged interleaved, counts FLOPs and the reducers' time share.
+
+    Returns:
+        A JSON-ready dict with ``throughput_increase``, ``flops_ratio``, ``reducer_time_share``,
+        per-variant ``throughput_per_s`` and ``gflops_per_example``, token counts and the environment.
+    """
+    model, batch = setup.model, setup.batch
+
+    def attach(m: nn.Module):
+        return apply(m, adapter=setup.adapter, config=setup.config, method=method)
+
+    variants = [Variant("dense", "-", None), Variant(method, _describe(setup.config), attach)]
+    speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup)
+    dense_gflops = measure_flops(model, batch)
+    reduced_gflops = measure_flops(model, batch, attach)
+    with attach(model) as handle, torch.inference_mode():
+        model(**batch)
+        counts = {layer: vars(c) for layer, c in handle.token_counts.items()}
+    share = reducer_time_share(model, batch, attach)
+    batch_size = next(iter(batch.values())).shape[0]
+    return {
+        "benchmark": setup.description,
+        "method": method,
+        "config": _describe(setup.config),
+        "dense_throughput_per_s": speed["dense"].throughput_per_s,
+        "reduced_throughput_per_s": speed[method].throughput_per_s,
+        "throughput_increase": speed[method].throughput_per_s / speed["dense"].throughput_per_s,
+        "dense_gflops_per_example": dense_gflops,
+        "reduced_gflops_per_example": reduced_gflops,
+        "flops_ratio": dense_gflops / reduced_gflops,
+        "reducer_time_share": share,
+        "token_counts": counts,
+        "rounds": rounds,
+        **environment_record("cpu", "float32", batch_size, num_threads or torch.get_num_threads(), "eager"),
+    }
+
+
+def _describe(config: Any) -> str:
+    return config.describe() if hasattr(config, "describe") else repr(config)

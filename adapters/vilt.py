@@ -146,7 +146,7 @@ def _reducer(handle: Any, layer: int, cache: dict):
     def hook(module: nn.Module, args: tuple):
         stream = handle.streams[STREAM]
         hidden = args[0]  # (B, N, C), after the attention residual
-        size = stream.sizes()
+        size = stream.size  # None while every token has size 1
         plan = handle.method.reduce(layer, stream)
         handle.record_counts(layer, STREAM, stream)
         cache.clear()

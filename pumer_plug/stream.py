@@ -130,7 +130,7 @@ class TokenStream:
 
     def _apply(self, plan: ReductionPlan) -> None:
         if not plan.is_identity:
-            self.size = plan.apply_size(self.sizes())
+            self.size = plan.apply_size(self.size)
             self.mask = plan.apply_mask(self.mask)
             self.protected = plan.apply_mask(self.protected)
             self.bias_cache = None

@@ -50,15 +50,15 @@ class ReductionPlan:
         total = self._scatter_sizes(size, x.dtype)  # (B, num_out + 1, 1)
         return (out / total.clamp_min(1e-6))[:, : self.num_out]
 
-    def apply_size(self, size: torch.Tensor) -> torch.Tensor:
+    def apply_size(self, size: torch.Tensor | None) -> torch.Tensor | None:
         """Sums token sizes into their slots; empty (padding) slots get size 1.
 
         Shapes:
-            size (B, N, 1) -> (B, num_out, 1)
+            size (B, N, 1) or None (all ones) -> (B, num_out, 1); the identity plan returns ``size``
         """
         if self.dest is None:
             return size
-        total = self._scatter_sizes(size, size.dtype)
+        total = self._scatter_sizes(size, torch.float32 if size is None else size.dtype)
         total = total[:, : self.num_out]
         return torch.where(total > 0, total, torch.ones_like(total))
 

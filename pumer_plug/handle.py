@@ -202,6 +202,7 @@ def apply(model: nn.Module, adapter: str = "auto", config: Any = None, method: s
     handle = ReductionHandle(model, adapter_obj, method_obj, layers)
     try:
         adapter_obj.attach(handle)
+        method_obj.attach(handle)
     except BaseException:
         handle.remove()
         raise

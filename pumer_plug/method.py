@@ -60,6 +60,11 @@ class ReductionMethod:
         """Learned parameters the method owns (DynamicViT's predictors); None for parameter-free ones."""
         return None
 
+    def attach(self, handle) -> None:
+        """Called by ``apply()`` after the adapter attached; a method that acts outside the
+        reduction layers (e.g. SmRes resizing the input) registers its hooks here through
+        ``handle.add_forward_pre_hook`` so that ``remove()`` takes them out. Default: nothing."""
+
     def on_forward_start(self) -> None:
         """Called once per model forward before any layer runs."""
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -259,7 +260,10 @@ def _throughput_result(variant: Variant, seconds: list[float], examples: int, nu
 def _count_flops(model: nn.Module, batch: Batch, attach: AttachFn | None,
                  device: torch.device | str | None) -> tuple[FlopCounterMode, int]:
     batch = _to_device(batch, _resolve_device(model, device))
-    with inference(model), attached(model, attach), FlopCounterMode(display=False) as counter:
+    # FlopCounterMode has no formula for the fused CPU/flash SDPA kernels and would silently skip
+    # attention; the math backend is counted op by op.
+    with inference(model), attached(model, attach), sdpa_kernel([SDPBackend.MATH]), \
+            FlopCounterMode(display=False) as counter:
         model(**batch)
     return counter, batch_size_of(batch)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,8 +36,12 @@ from pumer_plug.models.meter_layers import (
 )
 
 TASKS = ("vqa", "nlvr2", "snli", "itm")
-HEAD_NAMES = {"vqa": ("vqa_classifier",), "nlvr2": ("nlvr2_classifier",), "snli": ("snli_classifier",),
-              "itm": ("itm_score", "rank_output")}
+HEAD_NAMES = {
+    "vqa": ("vqa_classifier",),
+    "nlvr2": ("nlvr2_classifier",),
+    "snli": ("snli_classifier",),
+    "itm": ("itm_score", "rank_output"),
+}
 # Persistent buffers of transformers 4.6 (METER's pin) that newer transformers no longer save.
 LEGACY_BUFFER_KEYS = ("text_transformer.embeddings.position_ids", "text_transformer.embeddings.token_type_ids")
 VISION_POS_KEY = "vit_model.visual.positional_embedding"
@@ -83,7 +88,7 @@ class MeterConfig:
 
     @classmethod
     def tiny(cls) -> MeterConfig:
-        """A few-thousand-parameter METER for tests: 2 cross layers per stream, 2 blocks per encoder."""
+        """A ~170k-parameter METER for tests: 2 cross layers per stream, 2 blocks per encoder."""
         return cls(vocab_size=100, text_hidden_size=48, text_num_layers=2, text_num_heads=4, text_intermediate_size=96,
                    text_max_position_embeddings=40, max_text_len=16, image_size=32, patch_size=8, vision_width=40,
                    vision_layers=3, vision_heads=4, clip_context_length=8, clip_text_width=16, hidden_size=32,
@@ -114,7 +119,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _mlp_head(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_features))
+    layers = [nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_features)]
+    return nn.Sequential(*layers)  # meter_module: vqa/nlvr2/snli_classifier, children 0, 1, 3
 
 
 class MeterModel(nn.Module):
@@ -190,7 +196,8 @@ class MeterModel(nn.Module):
         return RobertaConfig(
             vocab_size=config.vocab_size, hidden_size=config.text_hidden_size,
             num_hidden_layers=config.text_num_layers, num_attention_heads=config.text_num_heads,
-            intermediate_size=config.text_intermediate_size, max_position_embeddings=config.text_max_position_embeddings,
+            intermediate_size=config.text_intermediate_size,
+            max_position_embeddings=config.text_max_position_embeddings,
             type_vocab_size=config.text_type_vocab_size, layer_norm_eps=config.text_layer_norm_eps,
             pad_token_id=config.pad_token_id, bos_token_id=0, eos_token_id=2,
             hidden_dropout_prob=config.drop_rate, attention_probs_dropout_prob=config.drop_rate,
@@ -291,7 +298,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return dict(load_file(path, device="cpu"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError and friends, whose types vary by version
+    except pickle.UnpicklingError as err:  # a global outside the weights_only allowlist
         raise ValueError(
             f"cannot read {path} with torch.load(weights_only=True): {err}\n"
             "If you trust the file, extract its weights once, e.g. "
@@ -360,7 +367,8 @@ def load_meter_checkpoint(
                     if k in own and v.shape != own[k].shape)
     problems = [_key_report("mismatched-shape", shapes)] if shapes else []
     if strict:
-        problems += [_key_report(kind, keys) for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        problems += [_key_report(kind, keys) for kind, keys in (("missing", missing), ("unexpected", unexpected))
+                     if keys]
     if problems:
         raise ValueError(f"cannot load {os.fspath(path)} into MeterModel(task={model.task!r}): " + "; ".join(problems))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)

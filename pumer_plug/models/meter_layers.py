@@ -71,15 +71,17 @@ class ClipResidualBlock(nn.Module):
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        # batch_first only changes the call convention; parameters are CLIP's in_proj/out_proj.
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        # Sequence-first like CLIP. This also keeps out PyTorch's fused batch-first inference
+        # kernel, which hides even the projections from FlopCounterMode; attention then runs
+        # through F.multi_head_attention_forward (linear + SDPA).
+        self.attn = nn.MultiheadAttention(width, heads)
         self.ln_1 = ClipLayerNorm(width)
         self.mlp = ClipMlp(width)
         self.ln_2 = ClipLayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        h = self.ln_1(x).transpose(0, 1)  # (N, B, C)
+        x = x + self.attn(h, h, h, need_weights=False)[0].transpose(0, 1)  # (B, N, C)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -1,1 +1,2 @@
 """Baseline token-reduction methods behind the same ``apply()`` interface."""
+from pumer_plug.baselines import tome  # noqa: F401

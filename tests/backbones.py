@@ -103,3 +103,85 @@ def pumer_zero(num_layers: int, modalities: tuple) -> PumerConfig:
 
 
 METHOD_CONFIGS["pumer"] = (pumer_reducing, pumer_zero)
+
+
+# -- BridgeTower ------------------------------------------------------------------------------
+def tiny_bridgetower_config(**overrides):
+    """3 cross-modal pairs over 4 + 4 unimodal layers, C = 64, 64x64 images in 16x16 patches (V = 17)."""
+    from transformers import BridgeTowerConfig
+
+    text = dict(vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                max_position_embeddings=40)
+    vision = dict(hidden_size=64, num_hidden_layers=4, image_size=64, patch_size=16)  # 64 // 64 = 1 head (CLIP rule)
+    values = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, text_config=text, vision_config=vision)
+    values.update(overrides)
+    return BridgeTowerConfig(**values)
+
+
+def build_bridgetower(cls_name: str = "BridgeTowerForImageAndTextRetrieval", **overrides) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(tiny_bridgetower_config(**overrides)).eval()
+
+
+def bridgetower_batch() -> dict:
+    ids, mask = text_batch()
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 64, 64, generator=g)}
+
+
+BACKBONES["bridgetower"] = TinyBackbone(
+    "bridgetower", build_bridgetower, bridgetower_batch, split_text_rows, lambda out: out.logits, num_layers=3
+)
+
+
+# -- image-only ViTs (timm, open_clip) and ToMe ------------------------------------------------
+def build_timm_vit(**overrides) -> nn.Module:
+    """timm ViT: 32x32 images in 8x8 patches (N = 1 + 16), C = 32, 4 blocks of 4 heads."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    values = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, num_classes=5)
+    values.update(overrides)
+    torch.manual_seed(0)
+    return VisionTransformer(**values).eval()
+
+
+def build_open_clip_vit(**overrides) -> nn.Module:
+    """open_clip visual tower: 32x32 images in 8x8 patches (N = 1 + 16), C = 32, 4 blocks of 4 heads."""
+    from open_clip.transformer import VisionTransformer
+
+    values = dict(image_size=32, patch_size=8, width=32, layers=4, heads=4, mlp_ratio=4.0, output_dim=16)
+    values.update(overrides)
+    torch.manual_seed(0)
+    return VisionTransformer(**values).eval()
+
+
+def image_batch(batch_size: int = 3, image_size: int = 32) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(batch_size, 3, image_size, image_size, generator=g)}
+
+
+def split_image_rows(batch: dict) -> list[dict]:
+    return [{"x": batch["x"][i : i + 1]} for i in range(batch["x"].shape[0])]
+
+
+IMAGE_ONLY_METHODS = {"tome"}  # methods that need no text (PuMer's text-saliency score does)
+for _name, _build in (("timm-vit", build_timm_vit), ("open-clip-vit", build_open_clip_vit)):
+    BACKBONES[_name] = TinyBackbone(_name, _build, image_batch, split_image_rows, lambda out: out, num_layers=4,
+                                    modalities=("image",), tags={"methods": IMAGE_ONLY_METHODS})
+
+
+def tome_reducing(num_layers: int, modalities: tuple):
+    from pumer_plug.baselines.tome import TomeConfig
+
+    return TomeConfig(r=2)
+
+
+def tome_zero(num_layers: int, modalities: tuple):
+    from pumer_plug.baselines.tome import TomeConfig
+
+    return TomeConfig(r=0)
+
+
+METHOD_CONFIGS["tome"] = (tome_reducing, tome_zero)

@@ -1,0 +1,295 @@
+"""Image-only vision transformers: timm ``VisionTransformer`` and open_clip's visual tower.
+
+One stream with one image segment, ``[prefix tokens | patches]``; every prefix token (CLS, the
+DeiT distillation token, register tokens: timm's ``num_prefix_tokens``) is protected. Where things
+are (timm 1.0 ``Block`` / ``Attention``; open_clip 3 ``ResidualAttentionBlock``):
+
+- forward start: a pre-hook on the first block builds the stream (every row has the same tokens,
+  so an image-only stream never carries padding).
+- keys: timm: output of ``attn.k_norm`` (B, H, N, D), the key exactly as attention uses it (after
+  optional QK-norm), produced before either attention path. open_clip: ``nn.MultiheadAttention``
+  projects inside one functional call, so a pre-hook on ``attn`` recomputes the key slice of
+  ``in_proj_weight`` from the attention input (one extra (N, C) x (C, C) matmul per reduction layer).
+- proportional attention (``log(size)``, ToMe Sec. 3): passed as the attention module's
+  ``attn_mask`` keyword by a pre-hook on every layer after the first reduction. timm hands it to
+  ``F.scaled_dot_product_attention`` on its fused path and adds it to the logits on the other, so
+  ``fused_attn`` is never touched; ``nn.MultiheadAttention`` takes it as (B*H, N, N). With
+  proportional attention off no mask is passed and fused kernels keep their fastest path.
+- reduction point (ToMe: after the attention residual, before the MLP): both blocks add the
+  second residual to ``x`` outside any submodule, so no hook can reach it. At reduction layers the
+  adapter sets an instance ``forward`` on the block (deleted on ``remove()``): the upstream forward,
+  three lines, with the merge between them (marked). ``apply`` refuses blocks whose class forward is
+  not the mirrored one, and ``tests/test_vit_adapters.py`` checks the wrapper against upstream.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
+from timm.layers import Attention as TimmAttention
+from timm.models.vision_transformer import Block as TimmBlock
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule
+from pumer_plug.ops.reduce import attention_bias
+from pumer_plug.registry import ADAPTERS
+from pumer_plug.stream import IMAGE, Segment, TokenStream
+
+STREAM = "vit"
+
+
+class _VitAdapter(Adapter):
+    """Shared lifecycle of the image-only adapters; subclasses say where things are."""
+
+    blocks: list[nn.Module]
+    num_prefix_tokens: int
+    batch_first: bool = True
+    #: positional arguments of the attention module from which on a caller passes masks
+    mask_args_from: ClassVar[int] = 1
+
+    def attach(self, handle: Any) -> None:
+        method, layers = handle.method, handle.reduction_layers
+        handle.add_forward_pre_hook(self.blocks[0], self._starter(handle))
+        first = min(layers, default=self.num_layers)
+        for i, block in enumerate(self.blocks):
+            if i > first and method.proportional_attention():
+                handle.add_forward_pre_hook(block.attn, self._bias_setter(handle, block, i), with_kwargs=True)
+            if i not in layers:
+                continue
+            if method.needs_keys:
+                self.catch_keys(handle, block)
+            handle.set_attribute(block, "forward", self.wrap_forward(block, self._reducer(handle, i)))
+
+    def check_method(self, method: Any) -> None:
+        if method.needs_text_saliency:
+            raise ValueError(f"{self.name} adapter: method {method.name!r} needs text-saliency scores "
+                             "(text-to-image attention), and an image-only model has no text")
+
+    # -- what subclasses provide -----------------------------------------------------------
+    def checkpointing(self) -> bool:
+        raise NotImplementedError
+
+    def catch_keys(self, handle: Any, block: nn.Module) -> None:
+        """Installs the hook that stores this block's keys (B, N, C) in the stream."""
+        raise NotImplementedError
+
+    def shape_bias(self, bias: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        """Turns an additive key bias (B, 1, 1, N) into what the block's attention takes."""
+        return bias
+
+    @staticmethod
+    def wrap_forward(block: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        raise NotImplementedError
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _starter(self, handle: Any):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.checkpointing():
+                raise RuntimeError(f"{self.name} adapter: gradient checkpointing recomputes blocks and would reduce "
+                                   "twice; disable it")
+            x = args[0]  # (B, N, C), or (N, B, C) when not batch-first
+            B, N = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+            mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
+            protected = torch.zeros_like(mask)
+            protected[:, : self.num_prefix_tokens] = True  # CLS, distillation and register tokens
+            handle.start_forward()
+            segment = Segment(IMAGE, N, self.num_prefix_tokens)
+            handle.streams[STREAM] = TokenStream(mask, protected, [segment], [(N,) * B])
+
+        return hook
+
+    def _reducer(self, handle: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        batch_first = self.batch_first
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            stream = handle.streams[STREAM]
+            size = stream.sizes()
+            plan = handle.method.reduce(layer, stream)
+            handle.record_counts(layer, STREAM, stream)
+            if min(stream.real_counts()) != stream.num_tokens:
+                raise RuntimeError(f"{self.name} adapter: rows of an image batch were reduced to different lengths at layer {layer}")
+            if plan.is_identity:
+                return x
+            if not batch_first:
+                return plan.apply(x.transpose(0, 1), size).transpose(0, 1)  # (N, B, C) -> (N', B, C)
+            return plan.apply(x, size)  # (B, N, C) -> (B, N', C)
+
+        return reduce
+
+    def _bias_setter(self, handle: Any, block: nn.Module, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            caller_mask = any(kwargs.get(k) is not None for k in ("attn_mask", "key_padding_mask"))
+            if caller_mask or kwargs.get("is_causal") or len(args) > self.mask_args_from:
+                raise RuntimeError(f"{self.name} adapter: layer {layer} got an attention mask from the caller; "
+                                   "a mask over the input tokens cannot follow a token reduction")
+            stream = handle.streams[STREAM]
+            if stream.bias_cache is None:
+                bias = attention_bias(stream.mask, stream.size, _compute_dtype(args[0]), proportional=True)
+                stream.bias_cache = self.shape_bias(bias, block)
+            return args, {**kwargs, "attn_mask": stream.bias_cache}
+
+        return hook
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in (autocast's, if on), which SDPA wants for a float mask."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+# -- timm ------------------------------------------------------------------------------------
+@ADAPTERS.register("timm-vit")
+class TimmVitAdapter(_VitAdapter):
+    """Attaches a reduction method to a timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled, ...).
+
+    Raises:
+        AdapterError: the model is not a timm ViT, or a block is not a plain timm ``Block`` with a
+            timm ``Attention`` (e.g. ``ResPostBlock``, parallel blocks), naming the module path.
+        ValueError: gradient checkpointing is on.
+    """
+
+    name = "timm-vit"
+    mask_args_from = 1  # Attention(x, attn_mask, is_causal)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, TimmVisionTransformer)
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, TimmVisionTransformer):
+            raise AdapterError(f"timm-vit adapter: expected a timm VisionTransformer, got {type(model).__name__}")
+        if model.grad_checkpointing:
+            raise ValueError("timm-vit adapter: gradient checkpointing recomputes blocks and would reduce twice; disable it first")
+        self.model = model
+        self.blocks = list(get_submodule(model, "blocks", nn.Sequential, "timm-vit"))
+        if not self.blocks:
+            raise AdapterError("timm-vit adapter: expected at least one block at 'blocks', found none")
+        for i, block in enumerate(self.blocks):
+            _check_forward(block, TimmBlock, f"blocks.{i}", "timm-vit")
+            attn = get_submodule(model, f"blocks.{i}.attn", TimmAttention, "timm-vit")
+            _check_forward(attn, TimmAttention, f"blocks.{i}.attn", "timm-vit")
+            get_submodule(model, f"blocks.{i}.attn.k_norm", nn.Module, "timm-vit")
+        self.num_layers = len(self.blocks)
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+
+    def checkpointing(self) -> bool:
+        return bool(self.model.grad_checkpointing)
+
+    def catch_keys(self, handle: Any, block: nn.Module) -> None:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            handle.streams[STREAM].keys = out.transpose(1, 2).flatten(2)  # (B, H, N, D) -> (B, N, C)
+
+        handle.add_forward_hook(block.attn.k_norm, hook)
+
+    @staticmethod
+    def wrap_forward(block: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        """timm 1.0 ``Block.forward`` with ToMe's merge between attention and MLP."""
+
+        def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+            x = reduce(x)  # differs from timm: ToMe Sec. 3 merges here, (B, N, C) -> (B, N - r, C)
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            return x
+
+        return forward
+
+
+# -- open_clip -------------------------------------------------------------------------------
+def find_open_clip_visual(model: nn.Module) -> OpenClipVisionTransformer | None:
+    if isinstance(model, OpenClipVisionTransformer):
+        return model
+    visual = getattr(model, "visual", None)
+    return visual if isinstance(visual, OpenClipVisionTransformer) else None
+
+
+@ADAPTERS.register("open-clip-vit")
+class OpenClipVitAdapter(_VitAdapter):
+    """Attaches a reduction method to open_clip's ``VisionTransformer`` (or a CLIP model's ``.visual``).
+
+    Only the image tower is reduced; ``encode_text`` runs as before.
+
+    Raises:
+        AdapterError: no open_clip ``VisionTransformer``, or a block is not a self-attention
+            ``ResidualAttentionBlock`` over ``nn.MultiheadAttention`` (e.g. the ``custom`` block
+            type for QK-norm / scaled-cosine attention), naming the module path.
+        ValueError: gradient checkpointing is on.
+    """
+
+    name = "open-clip-vit"
+    mask_args_from = 3  # nn.MultiheadAttention(query, key, value, key_padding_mask, need_weights, attn_mask)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return find_open_clip_visual(model) is not None
+
+    def __init__(self, model: nn.Module) -> None:
+        visual = find_open_clip_visual(model)
+        if visual is None:
+            raise AdapterError(f"open-clip-vit adapter: expected an open_clip VisionTransformer or a model with a "
+                               f"'.visual' one, got {type(model).__name__}")
+        if visual.transformer.grad_checkpointing:
+            raise ValueError("open-clip-vit adapter: gradient checkpointing recomputes blocks and would reduce twice; disable it first")
+        self.model, self.visual = model, visual
+        self.blocks = list(get_submodule(visual, "transformer.resblocks", nn.ModuleList, "open-clip-vit"))
+        if not self.blocks:
+            raise AdapterError("open-clip-vit adapter: expected at least one block at 'transformer.resblocks', found none")
+        for i, block in enumerate(self.blocks):
+            path = f"transformer.resblocks.{i}"
+            _check_forward(block, ResidualAttentionBlock, path, "open-clip-vit")
+            attn = get_submodule(visual, f"{path}.attn", nn.MultiheadAttention, "open-clip-vit")
+            if hasattr(block, "ln_1_kv") or not attn._qkv_same_embed_dim:
+                raise AdapterError(f"open-clip-vit adapter: expected self-attention with a packed in_proj at '{path}.attn'")
+            if attn.batch_first != visual.transformer.batch_first:
+                raise AdapterError(f"open-clip-vit adapter: '{path}.attn' batch_first differs from the transformer's")
+        self.num_layers = len(self.blocks)
+        self.num_prefix_tokens = 1  # class embedding
+        self.batch_first = bool(visual.transformer.batch_first)
+
+    def checkpointing(self) -> bool:
+        return bool(self.visual.transformer.grad_checkpointing)
+
+    def catch_keys(self, handle: Any, block: nn.Module) -> None:
+        batch_first = self.batch_first
+
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+            key = args[1] if len(args) > 1 else kwargs["key"]  # (B, N, C) or (N, B, C)
+            C = module.embed_dim
+            bias = None if module.in_proj_bias is None else module.in_proj_bias[C : 2 * C]
+            with torch.no_grad():
+                keys = F.linear(key, module.in_proj_weight[C : 2 * C], bias)  # key slice of in_proj
+            handle.streams[STREAM].keys = keys if batch_first else keys.transpose(0, 1)  # (B, N, C)
+
+        handle.add_forward_pre_hook(block.attn, hook, with_kwargs=True)
+
+    def shape_bias(self, bias: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        B, N, H = bias.shape[0], bias.shape[-1], block.attn.num_heads
+        rows = bias[:, 0].repeat_interleave(H, dim=0)  # (B * H, 1, N), batch-major as MHA views it
+        return rows.expand(B * H, N, N)  # (B * H, N, N), a broadcast view
+
+    @staticmethod
+    def wrap_forward(block: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        """open_clip 3 ``ResidualAttentionBlock.forward`` (self-attention) with ToMe's merge."""
+
+        def forward(q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
+                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+            if k_x is not None or v_x is not None:
+                raise RuntimeError("open-clip-vit adapter: a reducing block got cross-attention inputs")
+            x = q_x + block.ls_1(block.attention(q_x=block.ln_1(q_x), attn_mask=attn_mask))
+            x = reduce(x)  # differs from open_clip: ToMe Sec. 3 merges here
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            return x
+
+        return forward
+
+
+def _check_forward(module: nn.Module, upstream: type, path: str, owner: str) -> None:
+    """Raises AdapterError unless ``module`` runs ``upstream.forward`` (the code this adapter mirrors)."""
+    if not isinstance(module, upstream) or type(module).forward is not upstream.forward or "forward" in vars(module):
+        raise AdapterError(f"{owner} adapter: expected a {upstream.__module__}.{upstream.__name__} at '{path}' "
+                           f"running its own forward, found {type(module).__name__}")

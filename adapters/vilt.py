@@ -88,7 +88,7 @@ class ViltAdapter(Adapter):
                 continue
             self_attn = layer.attention.attention
             if method.needs_keys:
-                handle.add_forward_hook(self_attn.key, _keys_catcher(handle))
+                handle.add_forward_hook(self_attn.key, _keys_catcher(handle, self_attn.num_attention_heads))
             if method.needs_text_saliency:
                 handle.add_forward_pre_hook(self_attn.dropout, _saliency_catcher(handle))
             cache: dict[str, torch.Tensor] = {}
@@ -123,9 +123,9 @@ class ViltAdapter(Adapter):
         return hook
 
 
-def _keys_catcher(handle: Any):
+def _keys_catcher(handle: Any, num_heads: int):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        handle.streams[STREAM].keys = out  # (B, N, C)
+        handle.streams[STREAM].set_keys(out, num_heads)  # (B, N, C) -> mean over heads (B, N, C/H)
 
     return hook
 

@@ -96,6 +96,16 @@ class TokenStream:
             self.size = torch.ones(*self.mask.shape, 1, device=self.mask.device)
         return self.size
 
+    def set_keys(self, keys: torch.Tensor, num_heads: int) -> None:
+        """Stores the matching metric: attention keys averaged over heads, as ToMe and PuMer's
+        released code use (``k.mean(1)``).
+
+        Shapes:
+            keys (B, N, C) with heads concatenated along C -> stored (B, N, C / num_heads)
+        """
+        B, N, C = keys.shape
+        self.keys = keys.view(B, N, num_heads, C // num_heads).mean(dim=2)  # (B, N, C/H)
+
     def set_text_saliency(self, attn: torch.Tensor, text_mask: torch.Tensor) -> None:
         """Stores PuMer Eq. (1) scores from text-to-image attention (B, H, T, V) for the image segment."""
         self.saliency = text_saliency_score(attn, text_mask)

@@ -1,37 +1,54 @@
 """BridgeTower (transformers ``BridgeTowerModel`` and its ITM, MLM and contrastive heads).
 
-BridgeTower is two-stream: unimodal text (RoBERTa) and image (CLIP ViT) encoders feed a stack of
-cross-modal layer pairs ``cross_modal_text_layers[i]`` / ``cross_modal_image_layers[i]``
-(``BridgeTowerBertCrossLayer``: self-attention, cross-attention to the other stream, MLP). Before
-every pair ``i >= 1`` the link towers (``cross_modal_{text,image}_link_tower``) add the projected
-output of a *full-length* unimodal layer to the cross stream. The adapter keeps one
-:class:`~pumer_plug.stream.TokenStream` per stream, ``handle.streams["text"]`` (one TEXT segment,
-text CLS protected) and ``handle.streams["image"]`` (one IMAGE segment, image CLS protected).
+BridgeTower is METER plus bridge layers: unimodal text (RoBERTa) and image (CLIP ViT) encoders
+feed a stack of cross-modal pairs ``cross_modal_text_layers[i]`` / ``cross_modal_image_layers[i]``
+(``BridgeTowerBertCrossLayer``: self-attention, cross-attention to the other stream, MLP), and
+both layers of a pair read the pair's inputs of both streams::
 
-Hook points in cross pair ``i`` (transformers 5, eager attention only):
+    x1 = text_layer(x, y, attention_mask=mx)                # cross-attends to the pair's image input y
+    y1 = image_layer(y, x, encoder_attention_mask=mx)       # cross-attends to the pair's text input x
+    x, y = text_link_tower(T(u_text), x1), image_link_tower(T(u_image), y1)   # before every pair i >= 1
 
-- pair start: a pre-hook on the text layer records the masks both layers of the pair see (both
-  attend to the *other stream's pair input*, so the image layer must see the text mask from
-  before the text layer reduced) and, after the first reduction layer, rewrites the self- and
-  cross-attention masks of both layers (``pumer_plug.ops.reduce.attention_bias``); the same
-  pre-hooks check that every stream and its mask have matching lengths;
-- keys: output of ``attention.self.key`` of each layer (B, N, C);
-- text-saliency (PuMer Eq. 1): the probabilities (B, H, T, V) that the text layer's
-  ``crossattention.self`` returns (text queries over image keys), averaged over real text tokens
-  into the image stream;
-- reduction point (PuMer: after attention, before the MLP): input of ``intermediate``, i.e. after
-  self- and cross-attention; the plan is also applied to the MLP residual (``output``'s
-  ``input_tensor``). The text layer reduces the text stream, then the image layer reduces the
-  image stream (pruned by the text layer's saliency, then merged);
+where the link towers add the projected output ``T(u)`` of a *full-length* unimodal layer. The
+adapter keeps one :class:`~pumer_plug.stream.TokenStream` per stream, ``handle.streams["text"]``
+(one TEXT segment, text CLS protected) and ``handle.streams["image"]`` (one IMAGE segment, image
+CLS protected), so both poolers (token 0 of each stream) keep working. Reduction layers are the
+cross-modal pairs ``0 .. num_hidden_layers - 1``.
+
+Placement (as PuMer's official METER code, ``modules_meter.BertCrossLayer``): both streams are
+reduced inside the TEXT layer of a reduction pair, after its cross-attention and before its MLP;
+the image layer of the same pair then runs entirely on the reduced tokens. Hook points of pair i
+(transformers 5, eager attention only):
+
+- pair start: a pre-hook on the text layer checks that ``x`` and ``y`` match their streams and,
+  after the first reduction pair, rewrites its self- and cross-attention masks
+  (``pumer_plug.ops.reduce.attention_bias``; the image stream, never padded by the model, gets a
+  mask too once reduced);
+- keys (mean over heads, ``TokenStream.set_keys``): ``text_layer.attention.self.key`` (text) and
+  ``text_layer.crossattention.self.key`` (the image tokens projected by the text layer's
+  cross-attention; PuMer's image merging metric);
+- text-saliency (PuMer Eq. 1): the probabilities (B, H, T, V) that ``text_layer.crossattention.self``
+  returns (text queries over image keys), averaged over real text tokens. transformers applies
+  attention dropout functionally before returning them, so in train mode the scores come from
+  dropped-out probabilities (an unbiased, noisier estimate); eval is exact;
+- reduction point: input of ``text_layer.intermediate``. The method reduces the text stream (the
+  plan is applied to the hidden state, to the MLP residual ``output``'s ``input_tensor``, and to
+  the pair's text input ``x``) and the image stream (the plan is applied to ``y``);
+- image layer: a pre-hook swaps in the reduced ``y`` as hidden states and the reduced ``x`` as
+  cross-attention keys/values (merged slots hold the size-weighted mean of the tokens merged into
+  them), with both masks rewritten to the reduced lengths;
 - link towers: their full-length unimodal input is reduced with the composition of every plan
   applied to that stream so far (``plan_a.then(plan_b)``); a merged slot gets the mean of the
   unimodal tokens merged into it, matching the size-weighted mean in the cross stream.
 
-FLOPs consequence: only the cross-modal pairs shrink. The unimodal encoders, and the per-layer
-``ln_post`` + ``cross_modal_*_transform`` projections that feed the link towers, still run on
-every token, because the model computes them before any hook can see the link tower's input.
-With the default config (12 + 12 unimodal layers, 6 cross pairs) the unimodal encoders hold most
-of the FLOPs, so the FLOPs ratio is far smaller than on ViLT or METER.
+FLOPs consequence: the unimodal encoders are not reduced (PuMer Table 7), and neither are the
+per-pair ``ln_post`` + ``cross_modal_*_transform`` projections feeding the link towers (the model
+computes them on every token before a hook can see them). In a reduction pair the text layer runs
+self- and cross-attention on all tokens and its MLP on the reduced text; the image layer runs
+wholly on reduced tokens. BridgeTower-base (12 + 12 unimodal layers, 6 pairs) at 288 x 288 with 40
+text tokens and k = r = t = 0.2 at pairs 0-3: image tokens 325 -> 208 -> 133 -> 85 -> 54, text
+40 -> 32 -> 26 -> 21 -> 17; the unimodal encoders hold most of the FLOPs, so the FLOPs ratio is
+far below METER's.
 
 ``BridgeTowerForMaskedLM`` reads one output per text token: text merging is refused, and the text
 stream is never reduced (not even the padding compaction that a zero text merge ratio allows).
@@ -74,15 +91,17 @@ class PairState:
 
     Attributes:
         plans: per stream, the composition of every plan applied so far, from the unimodal tokens.
-        pair: the cross pair whose text layer ran last (-1 before the first pair).
-        text_mask: (B, T) text mask at the pair's input (the text layer may reduce mid-pair).
-        biases: per stream, the additive mask (B, 1, 1, N) at the pair's input, or None.
+        pair: the pair whose text layer ran last (-1 before the first pair).
+        inputs: the pair's inputs ``x`` (B, T, C) and ``y`` (B, V, C), as the model passed them.
+        reduced: ``x`` and ``y`` reduced at this pair, for its image layer (empty if not reduced).
+        residual: the text hidden state before and after reduction, for the MLP residual.
     """
 
     plans: dict[str, ReductionPlan] = field(default_factory=dict)
     pair: int = -1
-    text_mask: torch.Tensor | None = None
-    biases: dict[str, torch.Tensor] | None = None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    reduced: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @ADAPTERS.register("bridgetower")
@@ -114,11 +133,12 @@ class BridgeTowerAdapter(Adapter):
         for name in STREAMS:
             self.layers[name] = [get_submodule(bt, f"cross_modal_{name}_layers.{i}", BridgeTowerBertCrossLayer, self.name)
                                  for i in range(self.num_layers)]
-            for i in range(self.num_layers):
-                for path, kind in (("attention.self.key", nn.Linear), ("crossattention.self", BridgeTowerCrossAttention),
+            for i, layer in enumerate(self.layers[name]):
+                for path, kind in (("attention.self.key", nn.Linear), ("crossattention.self.key", nn.Linear),
+                                   ("crossattention.self", BridgeTowerCrossAttention),
                                    ("intermediate", BridgeTowerIntermediate), ("output", BridgeTowerOutput)):
                     get_submodule(bt, f"cross_modal_{name}_layers.{i}.{path}", kind, self.name)
-                if self.layers[name][i].chunk_size_feed_forward:
+                if layer.chunk_size_feed_forward:
                     raise AdapterError(f"bridgetower adapter: cross_modal_{name}_layers.{i} chunks its feed-forward; "
                                        "set chunk_size_feed_forward=0")
         self.link_towers = {name: self._link_towers(bt, name) for name in STREAMS}
@@ -134,7 +154,7 @@ class BridgeTowerAdapter(Adapter):
         towers = getattr(bt, path, None)
         if isinstance(towers, nn.ModuleList):
             return [get_submodule(bt, f"{path}.{j}", BridgeTowerLinkTower, self.name) for j in range(len(towers))]
-        return [get_submodule(bt, path, BridgeTowerLinkTower, self.name)]  # shared across pairs
+        return [get_submodule(bt, path, BridgeTowerLinkTower, self.name)]  # share_link_tower_layers
 
     def check_method(self, method: Any) -> None:
         if self.token_level_head and method.merges_text:
@@ -150,17 +170,17 @@ class BridgeTowerAdapter(Adapter):
         for i in range(self.num_layers):
             text_layer, image_layer = self.layers["text"][i], self.layers["image"][i]
             handle.add_forward_pre_hook(text_layer, self._pair_start(handle, i, rewrite=i > first), with_kwargs=True)
-            handle.add_forward_pre_hook(image_layer, self._pair_image(handle, i, rewrite=i > first), with_kwargs=True)
+            handle.add_forward_pre_hook(image_layer, self._image_layer(handle, i, rewrite=i >= first), with_kwargs=True)
             if i not in handle.reduction_layers:
                 continue
+            if method.needs_keys:
+                heads = text_layer.attention.self.num_attention_heads
+                handle.add_forward_hook(text_layer.attention.self.key, _keys_catcher(handle, "text", heads))
+                handle.add_forward_hook(text_layer.crossattention.self.key, _keys_catcher(handle, "image", heads))
             if method.needs_text_saliency:
-                handle.add_forward_hook(text_layer.crossattention.self, self._saliency_catcher(handle, i))
-            for name, layer in (("text", text_layer), ("image", image_layer)):
-                if method.needs_keys:
-                    handle.add_forward_hook(layer.attention.self.key, _keys_catcher(handle, name))
-                cache: dict[str, torch.Tensor] = {}
-                handle.add_forward_pre_hook(layer.intermediate, self._reducer(handle, name, i, cache))
-                handle.add_forward_pre_hook(layer.output, _residual_rewriter(cache, name, i))
+                handle.add_forward_hook(text_layer.crossattention.self, _saliency_catcher(handle, i))
+            handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
+            handle.add_forward_pre_hook(text_layer.output, self._residual_rewriter(i))
         for name in STREAMS:
             for tower in self.link_towers[name]:
                 handle.add_forward_pre_hook(tower, self._link_reducer(name))
@@ -180,7 +200,7 @@ class BridgeTowerAdapter(Adapter):
             except ValueError as err:
                 raise ValueError(f"bridgetower adapter: {err}") from None
             protected = torch.zeros_like(mask)
-            protected[:, 0] = True  # text CLS
+            protected[:, 0] = True  # text CLS (<s>)
             handle.start_forward()
             handle.streams["text"] = TokenStream(mask, protected, [Segment(TEXT, T, 1)], lengths)
             self.state = PairState(plans={"text": ReductionPlan.identity(T)})
@@ -190,70 +210,79 @@ class BridgeTowerAdapter(Adapter):
     def _pair_start(self, handle: Any, i: int, rewrite: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             # BridgeTowerBertCrossLayer.forward(hidden_states, encoder_hidden_states, attention_mask, ...)
-            state, text_x, image_x = self.state, args[0], args[1]  # (B, T, C), (B, V, C)
+            state, streams = self.state, handle.streams
+            x, y = args[0], args[1]  # (B, T, C), (B, V, C)
             if i == 0:
-                B, V = image_x.shape[:2]
-                mask = torch.ones(B, V, dtype=torch.bool, device=image_x.device)  # the image stream is never padded
+                B, V = y.shape[:2]
+                mask = torch.ones(B, V, dtype=torch.bool, device=y.device)  # the model never pads images
                 protected = torch.zeros_like(mask)
-                protected[:, 0] = True  # image CLS
-                handle.streams["image"] = TokenStream(mask, protected, [Segment(IMAGE, V, 1)], [(V,) * B])
+                protected[:, 0] = True  # image CLS (CLIP class embedding)
+                streams["image"] = TokenStream(mask, protected, [Segment(IMAGE, V, 1)], [(V,) * B])
                 state.plans["image"] = ReductionPlan.identity(V)
-            streams = handle.streams
-            _check_length(streams["text"], text_x, f"cross_modal_text_layers.{i} input")
-            _check_length(streams["image"], image_x, f"cross_modal_text_layers.{i} encoder input")
-            state.pair, state.text_mask, state.biases = i, streams["text"].mask, None
+            _check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
+            _check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
+            state.pair, state.inputs, state.reduced, state.residual = i, {"text": x, "image": y}, {}, {}
             if not rewrite:
                 return None
-            state.biases = {name: _bias(streams[name], text_x.dtype, handle) for name in STREAMS}
-            return _with_masks(args, kwargs, state.biases["text"], state.biases["image"])
+            return _with_masks(args, kwargs, _bias(streams["text"], x.dtype, handle), _bias(streams["image"], x.dtype, handle))
 
         return hook
 
-    def _pair_image(self, handle: Any, i: int, rewrite: bool):
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            state = self.state
-            if state.pair != i:
-                raise RuntimeError(f"bridgetower adapter: cross_modal_image_layers.{i} ran before cross_modal_text_layers.{i}; "
-                                   "the installed transformers BridgeTowerModel differs from the one this adapter supports")
-            _check_length(handle.streams["image"], args[0], f"cross_modal_image_layers.{i} input")
-            if args[1].shape[1] != state.text_mask.shape[1]:
-                raise RuntimeError(f"bridgetower adapter: cross_modal_image_layers.{i} attends to {args[1].shape[1]} text "
-                                   f"tokens, but the pair's text input has {state.text_mask.shape[1]}")
-            if not rewrite:
-                return None
-            return _with_masks(args, kwargs, state.biases["image"], state.biases["text"])
-
-        return hook
-
-    def _saliency_catcher(self, handle: Any, i: int):
-        def hook(module: nn.Module, args: tuple, out: tuple) -> None:
-            probs = out[1]  # (B, H, T, V), text queries over image keys
-            if probs is None:
-                raise RuntimeError(f"bridgetower adapter: cross_modal_text_layers.{i}.crossattention returned no attention "
-                                   "probabilities; the text-saliency score needs eager attention")
-            handle.streams["image"].set_text_saliency(probs, self.state.text_mask)  # PuMer Eq. (1) -> (B, V)
-
-        return hook
-
-    def _reducer(self, handle: Any, name: str, layer: int, cache: dict):
-        keep_text = name == "text" and self.token_level_head
-
+    def _reducer(self, handle: Any, i: int):
         def hook(module: nn.Module, args: tuple):
-            stream = handle.streams[name]
-            cache.clear()
-            if keep_text:
-                handle.record_counts(layer, name, stream)
+            state, streams = self.state, handle.streams
+            if state.pair != i:
+                raise RuntimeError(f"bridgetower adapter: cross_modal_text_layers.{i}.intermediate ran outside its layer")
+            hidden = args[0]  # (B, T, C), after self- and cross-attention
+            for name in STREAMS:
+                stream = streams[name]
+                if name == "text" and self.token_level_head:
+                    handle.record_counts(i, name, stream)
+                    continue
+                size = stream.size  # None while every token has size 1
+                stream.hidden = hidden if name == "text" else state.inputs[name]  # token features (DynamicViT)
+                plan = handle.method.reduce(i, stream)
+                stream.hidden = None
+                handle.record_counts(i, name, stream)
+                state.plans[name] = state.plans[name].then(plan)
+                if plan.is_identity:
+                    continue
+                state.reduced[name] = plan.apply(state.inputs[name], size)  # pair input, (B, N', C)
+                if name == "text":
+                    state.residual = {"input": hidden, "output": plan.apply(hidden, size)}  # (B, T', C)
+            return (state.residual["output"],) if state.residual else None
+
+        return hook
+
+    def _residual_rewriter(self, i: int):
+        def hook(module: nn.Module, args: tuple):
+            # BridgeTowerOutput.forward(hidden_states, input_tensor): the MLP residual
+            residual = self.state.residual
+            if not residual:
                 return None
-            hidden = args[0]  # (B, N, C), after self- and cross-attention
-            size = stream.sizes()
-            plan = handle.method.reduce(layer, stream)
-            handle.record_counts(layer, name, stream)
-            self.state.plans[name] = self.state.plans[name].then(plan)
-            if plan.is_identity:
+            if args[1] is not residual["input"]:
+                raise RuntimeError(f"bridgetower adapter: cross_modal_text_layers.{i}.output's residual is not the reduced "
+                                   "hidden state; the installed transformers BridgeTowerBertCrossLayer differs from the supported one")
+            self.state.residual = {}
+            return (args[0], residual["output"])
+
+        return hook
+
+    def _image_layer(self, handle: Any, i: int, rewrite: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            state, streams = self.state, handle.streams
+            y, x = args[0], args[1]
+            if state.pair != i or y is not state.inputs["image"] or x is not state.inputs["text"]:
+                raise RuntimeError(f"bridgetower adapter: cross_modal_image_layers.{i} must run right after "
+                                   f"cross_modal_text_layers.{i} on the same pair inputs (BridgeTower's order)")
+            if not rewrite:
                 return None
-            reduced = plan.apply(hidden, size)  # (B, N', C)
-            cache["input"], cache["output"] = hidden, reduced
-            return (reduced,)
+            y, x = state.reduced.get("image", y), state.reduced.get("text", x)
+            _check_length(streams["image"], y, f"cross_modal_image_layers.{i} hidden_states")
+            _check_length(streams["text"], x, f"cross_modal_image_layers.{i} encoder_hidden_states")
+            state.reduced = {}
+            args = (y, x, *args[2:])
+            return _with_masks(args, kwargs, _bias(streams["image"], y.dtype, handle), _bias(streams["text"], y.dtype, handle))
 
         return hook
 
@@ -270,23 +299,20 @@ class BridgeTowerAdapter(Adapter):
         return hook
 
 
-def _keys_catcher(handle: Any, name: str):
+def _keys_catcher(handle: Any, name: str, num_heads: int):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        handle.streams[name].keys = out  # (B, N, C)
+        handle.streams[name].set_keys(out, num_heads)  # (B, N, C) -> mean over heads (B, N, C/H)
 
     return hook
 
 
-def _residual_rewriter(cache: dict, name: str, layer: int):
-    def hook(module: nn.Module, args: tuple):
-        if not cache:
-            return None
-        if args[1] is not cache["input"]:
-            raise RuntimeError(f"bridgetower adapter: cross_modal_{name}_layers.{layer}.output's residual is not the reduced "
-                               "hidden state; the installed transformers BridgeTowerBertCrossLayer differs from the supported one")
-        reduced = cache["output"]
-        cache.clear()
-        return (args[0], reduced)
+def _saliency_catcher(handle: Any, i: int):
+    def hook(module: nn.Module, args: tuple, out: tuple) -> None:
+        probs = out[1]  # (B, H, T, V): text queries over image keys
+        if probs is None:
+            raise RuntimeError(f"bridgetower adapter: cross_modal_text_layers.{i}.crossattention returned no attention "
+                               "probabilities; the text-saliency score needs eager attention")
+        handle.streams["image"].set_text_saliency(probs, handle.streams["text"].mask)  # PuMer Eq. (1) -> (B, V)
 
     return hook
 

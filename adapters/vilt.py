@@ -147,6 +147,7 @@ def _reducer(handle: Any, layer: int, cache: dict):
         stream = handle.streams[STREAM]
         hidden = args[0]  # (B, N, C), after the attention residual
         size = stream.size  # None while every token has size 1
+        stream.hidden = hidden  # token features (DynamicViT)
         plan = handle.method.reduce(layer, stream)
         handle.record_counts(layer, STREAM, stream)
         cache.clear()

@@ -30,7 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
+from open_clip.transformer import _expand_token
 from timm.layers import Attention as TimmAttention
+from timm.layers import Format, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
@@ -108,6 +110,7 @@ class _VitAdapter(Adapter):
         def reduce(x: torch.Tensor) -> torch.Tensor:
             stream = handle.streams[STREAM]
             size = stream.sizes()
+            stream.hidden = x if batch_first else x.transpose(0, 1)  # (B, N, C) token features (DynamicViT)
             plan = handle.method.reduce(layer, stream)
             handle.record_counts(layer, STREAM, stream)
             if min(stream.real_counts()) != stream.num_tokens:
@@ -181,9 +184,22 @@ class TimmVitAdapter(_VitAdapter):
     def checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)
 
+    def accept_image_size(self, handle: Any) -> None:
+        """Lets the model take other image sizes (SmRes) through timm's own ``dynamic_img_size``
+        path: ``pos_embed`` resampled to the input's patch grid at every forward."""
+        model, embed = self.model, self.model.patch_embed
+        if model.dynamic_img_size:
+            return
+        if not isinstance(embed, PatchEmbed) or not embed.flatten:
+            raise AdapterError(f"timm-vit adapter: expected a flattening timm PatchEmbed at 'patch_embed', found {type(embed).__name__}")
+        handle.override_attribute(model, "dynamic_img_size", True)
+        handle.override_attribute(embed, "strict_img_size", False)
+        handle.override_attribute(embed, "flatten", False)
+        handle.override_attribute(embed, "output_fmt", Format.NHWC)
+
     def catch_keys(self, handle: Any, block: nn.Module) -> None:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            handle.streams[STREAM].keys = out.transpose(1, 2).flatten(2)  # (B, H, N, D) -> (B, N, C)
+            handle.streams[STREAM].keys = out.mean(dim=1)  # (B, H, N, D) -> mean over heads (B, N, D), ToMe's k.mean(1)
 
         handle.add_forward_hook(block.attn.k_norm, hook)
 
@@ -254,6 +270,27 @@ class OpenClipVitAdapter(_VitAdapter):
     def checkpointing(self) -> bool:
         return bool(self.visual.transformer.grad_checkpointing)
 
+    def accept_image_size(self, handle: Any) -> None:
+        """Lets the tower take other image sizes (SmRes): an instance ``_embeds`` resamples
+        ``positional_embedding`` to the input's patch grid."""
+        visual = self.visual
+        old_grid = tuple(visual.grid_size)
+
+        def embeds(x: torch.Tensor) -> torch.Tensor:
+            """open_clip 3 ``VisionTransformer._embeds`` with a resampled position embedding."""
+            x = visual.conv1(x)  # (B, C, h, w)
+            grid = tuple(x.shape[-2:])
+            x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, h * w, C)
+            x = torch.cat([_expand_token(visual.class_embedding, x.shape[0]).to(x.dtype), x], dim=1)
+            pos = visual.positional_embedding[None]  # (1, 1 + H0 * W0, C)
+            if grid != old_grid:  # differs from open_clip: resampled to the input grid
+                pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old_grid, num_prefix_tokens=1)
+            x = x + pos[0].to(x.dtype)
+            x = visual.patch_dropout(x)
+            return visual.ln_pre(x)
+
+        handle.set_attribute(visual, "_embeds", embeds)
+
     def catch_keys(self, handle: Any, block: nn.Module) -> None:
         batch_first = self.batch_first
 
@@ -263,7 +300,8 @@ class OpenClipVitAdapter(_VitAdapter):
             bias = None if module.in_proj_bias is None else module.in_proj_bias[C : 2 * C]
             with torch.no_grad():
                 keys = F.linear(key, module.in_proj_weight[C : 2 * C], bias)  # key slice of in_proj
-            handle.streams[STREAM].keys = keys if batch_first else keys.transpose(0, 1)  # (B, N, C)
+            keys = keys if batch_first else keys.transpose(0, 1)  # (B, N, C)
+            handle.streams[STREAM].set_keys(keys, module.num_heads)  # mean over heads (B, N, C/H)
 
         handle.add_forward_pre_hook(block.attn, hook, with_kwargs=True)
 

@@ -1,2 +1,4 @@
 """Baseline token-reduction methods behind the same ``apply()`` interface."""
 from pumer_plug.baselines import tome  # noqa: F401
+from pumer_plug.baselines import dynamicvit  # noqa: F401
+from pumer_plug.baselines import smres  # noqa: F401

@@ -117,3 +117,25 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
 
 def _describe(config: Any) -> str:
     return config.describe() if hasattr(config, "describe") else repr(config)
+
+
+@register_bench_model("meter-base")
+def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -> BenchSetup:
+    """METER-CLIP16-RoBERTa base from the default ``MeterConfig`` (VQA head); PuMer preset ``meter-vqa``
+    (co-attention blocks 0-3, k = r = t = 0.2). The paper's figure for this setting is 92 -> 64.7
+    GMACs (PuMer Table 7; the vision encoder is not reduced)."""
+    import dataclasses
+
+    from pumer_plug.config import PumerConfig
+    from pumer_plug.models.meter import MeterConfig, MeterModel
+
+    torch.manual_seed(0)
+    model = MeterModel(dataclasses.replace(MeterConfig(), image_size=image_size), task="vqa").eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (batch_size, text_len), generator=g),
+        "attention_mask": torch.ones(batch_size, text_len, dtype=torch.long),
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g),
+    }
+    desc = f"METER-CLIP16-RoBERTa base (default MeterConfig), batch {batch_size}, {text_len} text tokens, {image_size}x{image_size} images"
+    return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc)

@@ -8,12 +8,13 @@ spent inside the handle's hooks is timed separately (the handle's ``time_hooks``
 
 Example (the numbers in the BridgeTower adapter's report)::
 
-    /work/venv/bin/python -m pumer_plug.evaluation.bench_two_stream --rounds 5 --threads 2
+    /work/venv/bin/python -m pumer_plug.evaluation.bench_two_stream --rounds 5 --threads 2 [--clock process]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from typing import Any
 
@@ -46,7 +47,7 @@ def hook_time_share(model: nn.Module, batch: dict, attach, forwards: int = 3) ->
 
 
 def bench_model(model: nn.Module, batch: dict, config: Any, rounds: int = 5, adapter: str = "auto",
-                method: str = "pumer", warmup: int = 1) -> dict[str, Any]:
+                method: str = "pumer", warmup: int = 1, clock: str = "wall") -> dict[str, Any]:
     """Times dense vs. plugged interleaved, counts FLOPs and the hooks' time share.
 
     Args:
@@ -54,9 +55,12 @@ def bench_model(model: nn.Module, batch: dict, config: Any, rounds: int = 5, ada
         batch: model kwargs of one batch.
         config: the method's config.
         rounds: measured rounds (the median is reported); ``warmup`` rounds are dropped first.
+        clock: ``"wall"`` (``time.perf_counter``) or ``"process"`` (``time.process_time``, CPU
+            seconds of this process: less sensitive to other processes on a shared machine).
 
     Returns:
-        A JSON-ready dict: ``throughput_increase`` (plugged / dense, same run), ``flops_ratio``
+        A JSON-ready dict: ``throughput_increase`` (ratio of the medians, same run),
+        ``throughput_increase_paired`` (median of the per-round ratios), ``flops_ratio``
         (dense / plugged), ``hook_time_share``, per-variant figures, token counts, environment.
     """
     model.eval()
@@ -65,7 +69,8 @@ def bench_model(model: nn.Module, batch: dict, config: Any, rounds: int = 5, ada
         return apply(m, adapter=adapter, config=config, method=method)
 
     variants = [Variant("dense", "-", None), Variant(method, _describe(config), attach)]
-    speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup)
+    clocks = {"wall": time.perf_counter, "process": time.process_time}
+    speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup, clock=clocks[clock])
     dense_gflops = measure_flops(model, batch)
     reduced_gflops = measure_flops(model, batch, attach)
     with attach(model) as handle, torch.inference_mode():
@@ -81,6 +86,10 @@ def bench_model(model: nn.Module, batch: dict, config: Any, rounds: int = 5, ada
         "dense_throughput_per_s": speed["dense"].throughput_per_s,
         "reduced_throughput_per_s": speed[method].throughput_per_s,
         "throughput_increase": speed[method].throughput_per_s / speed["dense"].throughput_per_s,
+        # median over rounds of (plugged / dense) within a round: robust to load that drifts between rounds
+        "throughput_increase_paired": statistics.median(
+            r / d for r, d in zip(speed[method].throughput_per_s_rounds, speed["dense"].throughput_per_s_rounds)
+        ),
         "dense_throughput_per_s_rounds": speed["dense"].throughput_per_s_rounds,
         "reduced_throughput_per_s_rounds": speed[method].throughput_per_s_rounds,
         "dense_gflops_per_example": dense_gflops,
@@ -90,6 +99,7 @@ def bench_model(model: nn.Module, batch: dict, config: Any, rounds: int = 5, ada
         "token_counts": counts,
         "rounds": rounds,
         "warmup": warmup,
+        "clock": clock,
         **environment_record("cpu", "float32", batch_size, torch.get_num_threads(), "eager"),
     }
 
@@ -123,11 +133,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--text-len", type=int, default=40)
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, batch = bridgetower_base(args.batch_size, args.text_len)
     config = PumerConfig(reduction_layers=(0, 1, 2, 3), prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2)
-    result = bench_model(model, batch, config, rounds=args.rounds, adapter="bridgetower")
+    result = bench_model(model, batch, config, rounds=args.rounds, adapter="bridgetower", clock=args.clock)
     print(json.dumps({"benchmark": f"BridgeTower base (default config), batch {args.batch_size}, {args.text_len} text "
                       f"tokens, {model.config.vision_config.image_size}px images", **result}))
 

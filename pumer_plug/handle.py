@@ -56,6 +56,7 @@ class ReductionHandle:
         self._counts: dict[int, dict[str, TokenCount]] = {}
         self._hooks: list[RemovableHandle] = []
         self._attributes: list[tuple[Any, str]] = []
+        self._overrides: list[tuple[Any, str, Any]] = []
         self._removed = False
         #: set to True to accumulate the wall time spent inside this handle's hooks in ``hook_seconds``
         self.time_hooks = False
@@ -117,6 +118,17 @@ class ReductionHandle:
         setattr(obj, name, value)
         self._attributes.append((obj, name))
 
+    def override_attribute(self, obj: Any, name: str, value: Any) -> None:
+        """Replaces an instance attribute that ``obj`` already has; ``remove()`` puts the original object back.
+
+        Raises:
+            RuntimeError: ``obj`` has no instance attribute ``name`` (use :meth:`set_attribute`).
+        """
+        if name not in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{name} is not an instance attribute; nothing to override")
+        self._overrides.append((obj, name, vars(obj)[name]))
+        setattr(obj, name, value)
+
     # -- lifecycle -------------------------------------------------------------------------
     @property
     def removed(self) -> bool:
@@ -128,6 +140,9 @@ class ReductionHandle:
             return
         for hook in reversed(self._hooks):
             hook.remove()
+        for obj, name, original in reversed(self._overrides):
+            setattr(obj, name, original)
+        self._overrides.clear()
         for obj, name in reversed(self._attributes):
             if name in vars(obj):
                 delattr(obj, name)

@@ -76,6 +76,7 @@ class TokenStream:
         self.size: torch.Tensor | None = None  # (B, N, 1) float32; None while every size is 1
         self.keys: torch.Tensor | None = None  # (B, N, C), captured at a reduction layer
         self.saliency: torch.Tensor | None = None  # (B, V), over the image segment
+        self.hidden: torch.Tensor | None = None  # (B, N, C) token features at a reduction layer (DynamicViT)
         self.bias_cache: torch.Tensor | None = None
 
     @property
@@ -146,6 +147,7 @@ class TokenStream:
             self.bias_cache = None
         self.keys = None
         self.saliency = None
+        self.hidden = None
 
 
 def _subtract(lengths: tuple[int, ...], removed: tuple[int, ...]) -> tuple[int, ...]:

@@ -185,3 +185,82 @@ def tome_zero(num_layers: int, modalities: tuple):
 
 
 METHOD_CONFIGS["tome"] = (tome_reducing, tome_zero)
+
+
+# -- METER ------------------------------------------------------------------------------------
+def tiny_meter_config(**overrides):
+    """``MeterConfig.tiny()`` with 4 co-attention blocks (the meter-* presets reduce up to block 3);
+    32x32 images in 8x8 patches (V = 1 + 16), C = 32."""
+    import dataclasses
+
+    from pumer_plug.models.meter import MeterConfig
+
+    return dataclasses.replace(MeterConfig.tiny(), **{"num_top_layer": 4, **overrides})
+
+
+def build_meter(task: str = "vqa", **overrides) -> nn.Module:
+    from pumer_plug.models.meter import MeterModel
+
+    torch.manual_seed(0)
+    return MeterModel(tiny_meter_config(**overrides), task=task).eval()
+
+
+def meter_batch(task: str = "vqa") -> dict:
+    ids, mask = text_batch()
+    ids = ids.masked_fill(mask == 0, 1)  # RoBERTa's pad_token_id
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 2, 3, 32, 32) if task == "nlvr2" else (3, 3, 32, 32)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(*shape, generator=g)}
+
+
+BACKBONES["meter"] = TinyBackbone("meter", build_meter, meter_batch, split_text_rows, lambda out: out, num_layers=4)
+
+
+# -- DynamicViT ---------------------------------------------------------------------------------
+def dynamicvit_reducing(num_layers: int, modalities: tuple):
+    from pumer_plug.baselines.dynamicvit import DynamicViTConfig
+
+    layers = (0, num_layers // 2) if num_layers > 2 else (0,)
+    # rho = 0.5: on two-stream models the test sums both streams' counts against the longest
+    # single dense sequence, and DynamicViT never shrinks text
+    return DynamicViTConfig(reduction_layers=layers, keep_ratio=0.5)
+
+
+def dynamicvit_zero(num_layers: int, modalities: tuple):
+    from pumer_plug.baselines.dynamicvit import DynamicViTConfig
+
+    return DynamicViTConfig(reduction_layers=(0,), keep_ratio=1.0)
+
+
+METHOD_CONFIGS["dynamicvit"] = (dynamicvit_reducing, dynamicvit_zero)
+IMAGE_ONLY_METHODS.add("dynamicvit")  # prunes the image segment; needs no text
+
+
+# -- SmRes --------------------------------------------------------------------------------------
+def smres_reducing(num_layers: int, modalities: tuple):
+    from pumer_plug.baselines.smres import SmResConfig
+
+    return SmResConfig(scale=0.5)
+
+
+def smres_zero(num_layers: int, modalities: tuple):
+    from pumer_plug.baselines.smres import SmResConfig
+
+    return SmResConfig(scale=1.0)
+
+
+METHOD_CONFIGS["smres"] = (smres_reducing, smres_zero)
+
+
+class _AllMethodsBut(frozenset):
+    """A ``tags["methods"]`` value that admits every method except the ones it holds."""
+
+    def __contains__(self, name: object) -> bool:
+        return not super().__contains__(name)
+
+
+# SmRes needs a backbone that takes smaller images (see baselines/smres.py): the timm/open_clip
+# adapters resample position embeddings (accept_image_size); METER's CLIP tower is left out until
+# its adapter implements accept_image_size.
+IMAGE_ONLY_METHODS.add("smres")
+BACKBONES["meter"].tags.setdefault("methods", _AllMethodsBut({"smres"}))

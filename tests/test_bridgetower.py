@@ -11,16 +11,16 @@ BT = BACKBONES["bridgetower"]
 T0, V0 = 9, 17  # longest text row, image CLS + 4 x 4 patches
 # transformers 5.24's BridgeTowerConfig lacks the fields BridgeTowerForContrastiveLearning reads
 CONTRASTIVE = dict(contrastive_hidden_size=32, logit_scale_init_value=2.6592)
-
-
-def build(cls_name, **overrides):
-    extra = CONTRASTIVE if cls_name == "BridgeTowerForContrastiveLearning" else {}
-    return build_bridgetower(cls_name, **extra, **overrides)
 CONFIGS = [
     PumerConfig(reduction_layers=(0, 1, 2), prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2),
     PumerConfig(reduction_layers=(1,), prune_ratio=0.3, image_merge_ratio=0.5, text_merge_ratio=0.2),
     PumerConfig(reduction_layers=(0, 2), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.0, proportional_attention=True),
 ]
+
+
+def build(cls_name, **overrides):
+    extra = CONTRASTIVE if cls_name == "BridgeTowerForContrastiveLearning" else {}
+    return build_bridgetower(cls_name, **extra, **overrides)
 
 
 def forward(model, batch):
@@ -80,16 +80,28 @@ def test_masks_and_keys_have_matching_lengths_in_every_attention():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
 def test_counts_per_stream_follow_the_config(config):
     model, batch = BT.build(), BT.make_batch()
+    image_layer_inputs = []  # (image tokens, text tokens) each image layer computes on
     with pumer_plug.apply(model, adapter="bridgetower", config=config) as handle:
+        spies = [layer.attention.register_forward_pre_hook(lambda m, a, k: image_layer_inputs.append(a[0].shape[1]), with_kwargs=True)
+                 for layer in model.bridgetower.cross_modal_image_layers]
+        spies += [layer.crossattention.self.key.register_forward_pre_hook(lambda m, a: image_layer_inputs.append(a[0].shape[1]))
+                  for layer in model.bridgetower.cross_modal_image_layers]
         forward(model, batch)
         counts = handle.token_counts
         per_stream = {layer: set(streams) for layer, streams in handle._counts.items()}
         image = handle.streams["image"]
+    for spy in spies:
+        spy.remove()
     schedule = config.token_schedule(T0, V0, BT.num_layers)
     assert sorted(counts) == list(config.reduction_layers)
     assert all(streams == {"text", "image"} for streams in per_stream.values())
     for layer, count in counts.items():
         assert (count.text, count.image) == schedule[layer]
+    # PuMer's placement: both streams are reduced in the text layer, so the image layer of the same
+    # pair already runs on the reduced image tokens and attends to the reduced text
+    assert [(image_layer_inputs[2 * i], image_layer_inputs[2 * i + 1]) for i in range(BT.num_layers)] == [
+        (v, t) for t, v in schedule
+    ]
     assert image.protected[:, 0].all() and int(image.protected.sum()) == 3  # image CLS kept, at slot 0
 
 

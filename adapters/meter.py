@@ -1,0 +1,283 @@
+"""METER (``pumer_plug.models.meter.MeterModel``, every task head, NLVR2 included).
+
+METER is two-stream: a RoBERTa text encoder and a CLIP ViT image encoder feed a stack of
+co-attention blocks; block ``i`` is ``cross_modal_text_layers[i]`` / ``cross_modal_image_layers[i]``
+(``CrossLayer``: self-attention, cross-attention to the other stream, FFN), and both layers of a
+block read the *previous* outputs of both streams::
+
+    x1 = text_layer(hidden_states=x, encoder_hidden_states=y, attention_mask=mx, encoder_attention_mask=my)
+    y1 = image_layer(hidden_states=y, encoder_hidden_states=x, attention_mask=my, encoder_attention_mask=mx)
+
+The adapter keeps one :class:`~pumer_plug.stream.TokenStream` per stream,
+``handle.streams["text"]`` (one TEXT segment, text CLS protected) and ``handle.streams["image"]``
+(one IMAGE segment, image CLS protected), so both poolers (token 0 of each stream) keep working.
+Reduction layers are co-attention blocks, ``0 .. num_top_layer - 1``. PuMer's official METER code
+(``csarron/PuMer`` ``modeling_meter.py``) counts two layer indices per block (``layer_idx += 2``),
+so its ``reduce_layers`` 0, 2, 4, 6 are our blocks 0, 1, 2, 3 (the ``meter-*`` presets).
+
+Placement (as PuMer's ``modules_meter.BertCrossLayer``): both streams are reduced inside the TEXT
+layer of a reduction block, after its cross-attention and before its FFN; the image layer of the
+same block then runs entirely on the reduced image tokens. Hook points of block ``i``:
+
+- block start: a pre-hook on the text layer (all four arguments are keywords) starts the forward
+  at block 0 (streams built from the masks the block receives, so NLVR2's fused 2B batch and
+  direct ``infer`` calls work alike), checks that both inputs match their streams, and, after the
+  first reduction block, rewrites both masks;
+- keys: ``text_layer.attention.self.key`` (text, B x T x C) and
+  ``text_layer.crossattention.self.key`` (the image tokens projected by the text layer's
+  cross-attention, B x V x C; PuMer's image merging metric);
+- text-saliency (PuMer Eq. 1): the input of ``text_layer.crossattention.self.dropout``, the
+  probabilities (B, H, T, V) of text queries over image keys, averaged over real text tokens;
+- reduction point: input of ``text_layer.intermediate``. The method reduces the text stream (the
+  plan is applied to the hidden state and to the FFN residual, ``output``'s ``input_tensor``) and
+  the image stream (the plan is applied to ``y``, the block's image input);
+- image layer: a pre-hook swaps in the reduced ``y`` as ``hidden_states`` and, as keys/values of
+  its cross-attention, the block's old text input ``x`` reduced by the same text plan (merged
+  slots get the size-weighted mean of the old tokens merged into them), with both masks rewritten.
+
+Masks are rewritten in the model's additive convention (0.0 / -10000.0 via ``extend_attention_mask``,
+plus ``log(size)`` under proportional attention), so outputs are bit-identical at zero reduction.
+Every rewritten call gets masks whose length equals that of the tensors they cover.
+
+Differences from the official code: PuMer feeds the image layer the text layer's *output* (new
+``x``) in every block, which changes METER's data flow even without reduction; we keep METER's
+flow (old ``x``) and reduce it with the text plan. PuMer prunes/merges with counts from padded
+lengths and mean-over-heads keys; the counts and metrics here are the method's (per-row real
+lengths, ``pumer_plug.pumer``).
+
+FLOPs consequence: the vision and text encoders are not reduced (PuMer Table 7). In a reduction
+block the text layer runs self- and cross-attention on all tokens (its cross-attention keys and
+values over all image tokens) and its FFN on the reduced text; the image layer runs wholly on the
+reduced image tokens and attends to the reduced text. METER-B at 384 x 384 with 40 text tokens and
+``meter-vqa`` (blocks 0-3, k = r = t = 0.2): image tokens 577 -> 370 -> 237 -> 152 -> 98, about
+92 -> 66 GMACs per example (the vision encoder alone is about 50).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule, real_lengths
+from pumer_plug.models.meter import MeterModel
+from pumer_plug.models.meter_layers import (
+    MASKED_SCORE,
+    CrossIntermediate,
+    CrossLayer,
+    CrossSelfOutput,
+    extend_attention_mask,
+)
+from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.registry import ADAPTERS
+from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
+
+STREAMS = ("text", "image")
+
+
+@dataclass
+class BlockState:
+    """Per-forward bookkeeping besides the streams, reset when block 0 starts.
+
+    Attributes:
+        block: the block whose text layer ran last (-1 before the first block).
+        inputs: the block's inputs ``x`` (B, T, C) and ``y`` (B, V, C), as the model passed them.
+        reduced: the reduced ``x`` and ``y`` for the image layer of a reduction block (empty otherwise).
+        residual: the text hidden state before and after reduction, for the FFN residual.
+    """
+
+    block: int = -1
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    reduced: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@ADAPTERS.register("meter")
+class MeterAdapter(Adapter):
+    """Attaches a reduction method to a METER model (reduction layers = co-attention blocks).
+
+    Raises:
+        AdapterError: the model is not a ``MeterModel`` or a block lacks an expected module.
+    """
+
+    name = "meter"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, MeterModel)
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, MeterModel):
+            raise AdapterError(
+                f"meter adapter: expected a pumer_plug.models.meter.MeterModel, got {type(model).__name__}"
+            )
+        self.model = model
+        self.num_layers = len(model.cross_modal_text_layers)
+        if len(model.cross_modal_image_layers) != self.num_layers:
+            raise AdapterError(f"meter adapter: {self.num_layers} text but {len(model.cross_modal_image_layers)} image "
+                               "co-attention layers")
+        self.layers = {name: [get_submodule(model, f"cross_modal_{name}_layers.{i}", CrossLayer, self.name)
+                              for i in range(self.num_layers)] for name in STREAMS}
+        for i in range(self.num_layers):
+            prefix = f"cross_modal_text_layers.{i}"
+            for path, kind in (("attention.self.key", nn.Linear), ("crossattention.self.key", nn.Linear),
+                               ("crossattention.self.dropout", nn.Dropout), ("intermediate", CrossIntermediate),
+                               ("output", CrossSelfOutput)):
+                get_submodule(model, f"{prefix}.{path}", kind, self.name)
+        self.state = BlockState()
+
+    def attach(self, handle: Any) -> None:
+        method = handle.method
+        first = min(handle.reduction_layers, default=self.num_layers)
+        for i in range(self.num_layers):
+            text_layer, image_layer = self.layers["text"][i], self.layers["image"][i]
+            handle.add_forward_pre_hook(text_layer, self._block_start(handle, i, rewrite=i > first), with_kwargs=True)
+            handle.add_forward_pre_hook(image_layer, self._image_layer(handle, i, rewrite=i >= first), with_kwargs=True)
+            if i not in handle.reduction_layers:
+                continue
+            if method.needs_keys:
+                handle.add_forward_hook(text_layer.attention.self.key, _keys_catcher(handle, "text"))
+                handle.add_forward_hook(text_layer.crossattention.self.key, _keys_catcher(handle, "image"))
+            if method.needs_text_saliency:
+                handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, _saliency_catcher(handle))
+            handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
+            handle.add_forward_pre_hook(text_layer.output, self._residual_rewriter(i))
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _block_start(self, handle: Any, i: int, rewrite: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            _check_keywords(args, f"cross_modal_text_layers.{i}")
+            x, y = kwargs["hidden_states"], kwargs["encoder_hidden_states"]  # (B, T, C), (B, V, C)
+            if i == 0:
+                self._start(handle, x, y, kwargs.get("attention_mask"), kwargs.get("encoder_attention_mask"))
+            elif self.state.block != i - 1:
+                raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i} ran after block {self.state.block}; "
+                                   "the co-attention blocks must run in order, starting at block 0")
+            streams = handle.streams
+            _check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
+            _check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
+            self.state.block, self.state.inputs = i, {"text": x, "image": y}
+            self.state.reduced, self.state.residual = {}, {}
+            if not rewrite:
+                return None
+            return args, {**kwargs, "attention_mask": _bias(streams["text"], x.dtype, handle),
+                          "encoder_attention_mask": _bias(streams["image"], x.dtype, handle)}
+
+        return hook
+
+    def _start(self, handle: Any, x: torch.Tensor, y: torch.Tensor, text_bias: torch.Tensor | None,
+               image_bias: torch.Tensor | None) -> None:
+        handle.start_forward()
+        self.state = BlockState()
+        for name, hidden, bias, modality in (("text", x, text_bias, TEXT), ("image", y, image_bias, IMAGE)):
+            B, N = hidden.shape[:2]
+            if bias is None:
+                mask = torch.ones(B, N, dtype=torch.bool, device=hidden.device)
+            else:
+                mask = bias.reshape(B, -1) > MASKED_SCORE / 2  # additive (B, 1, 1, N) -> (B, N) bool
+            try:
+                lengths = real_lengths(mask, [(0, N)])
+            except ValueError as err:
+                raise ValueError(f"meter adapter: {name} stream: {err}") from None
+            protected = torch.zeros_like(mask)
+            protected[:, 0] = True  # text CLS (<s>) / image CLS (CLIP class embedding)
+            handle.streams[name] = TokenStream(mask, protected, [Segment(modality, N, 1)], lengths)
+
+    def _reducer(self, handle: Any, i: int):
+        def hook(module: nn.Module, args: tuple):
+            state, streams = self.state, handle.streams
+            if state.block != i:
+                raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i}.intermediate ran outside its layer")
+            hidden = args[0]  # (B, T, C), after self- and cross-attention
+            plans: dict[str, ReductionPlan] = {}
+            for name in STREAMS:
+                stream = streams[name]
+                size = stream.size  # None while every token has size 1
+                stream.hidden = hidden if name == "text" else state.inputs[name]  # token features (DynamicViT)
+                plans[name] = handle.method.reduce(i, stream)
+                stream.hidden = None
+                handle.record_counts(i, name, stream)
+                if not plans[name].is_identity:
+                    state.reduced[name] = plans[name].apply(state.inputs[name], size)  # block input, (B, N', C)
+                    if name == "text":
+                        reduced = plans[name].apply(hidden, size)  # (B, T', C)
+                        state.residual = {"input": hidden, "output": reduced}
+            return None if not state.residual else (state.residual["output"],)
+
+        return hook
+
+    def _residual_rewriter(self, i: int):
+        def hook(module: nn.Module, args: tuple):
+            # CrossSelfOutput.forward(hidden_states, input_tensor): the FFN residual
+            residual = self.state.residual
+            if not residual:
+                return None
+            if args[1] is not residual["input"]:
+                raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i}.output's residual is not the reduced "
+                                   "hidden state; this CrossLayer differs from the one the adapter supports")
+            self.state.residual = {}
+            return (args[0], residual["output"])
+
+        return hook
+
+    def _image_layer(self, handle: Any, i: int, rewrite: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            _check_keywords(args, f"cross_modal_image_layers.{i}")
+            state = self.state
+            y, x = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+            if state.block != i or y is not state.inputs["image"] or x is not state.inputs["text"]:
+                raise RuntimeError(f"meter adapter: cross_modal_image_layers.{i} must run right after "
+                                   f"cross_modal_text_layers.{i} on the same block inputs (METER's co-attention order)")
+            if not rewrite:
+                return None
+            new = {**kwargs, "hidden_states": state.reduced.get("image", y),
+                   "encoder_hidden_states": state.reduced.get("text", x)}
+            streams = handle.streams
+            where = f"cross_modal_image_layers.{i}"
+            _check_length(streams["image"], new["hidden_states"], f"{where} hidden_states")
+            _check_length(streams["text"], new["encoder_hidden_states"], f"{where} encoder_hidden_states")
+            new["attention_mask"] = _bias(streams["image"], y.dtype, handle)
+            new["encoder_attention_mask"] = _bias(streams["text"], y.dtype, handle)
+            state.reduced = {}
+            return args, new
+
+        return hook
+
+
+def _keys_catcher(handle: Any, name: str):
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        handle.streams[name].keys = out  # (B, N, C)
+
+    return hook
+
+
+def _saliency_catcher(handle: Any):
+    def hook(module: nn.Module, args: tuple) -> None:
+        probs = args[0]  # (B, H, T, V): text queries over image keys, before dropout
+        handle.streams["image"].set_text_saliency(probs, handle.streams["text"].mask)  # PuMer Eq. (1) -> (B, V)
+
+    return hook
+
+
+def _bias(stream: TokenStream, dtype: torch.dtype, handle: Any) -> torch.Tensor:
+    """The stream's additive key mask in METER's convention (0.0 / -10000.0), plus ``log(size)`` if
+    the method uses proportional attention (ToMe Sec. 3). Shapes: -> (B, 1, 1, N)."""
+    if stream.bias_cache is None or stream.bias_cache.dtype != dtype:
+        bias = extend_attention_mask(stream.mask, dtype)  # (B, 1, 1, N)
+        if handle.method.proportional_attention() and stream.size is not None:
+            bias = bias + stream.size[..., 0].log().to(dtype)[:, None, None, :]
+        stream.bias_cache = bias
+    return stream.bias_cache
+
+
+def _check_keywords(args: tuple, where: str) -> None:
+    if args:
+        raise RuntimeError(f"meter adapter: {where} was called with {len(args)} positional argument(s); MeterModel "
+                           "passes hidden_states, encoder_hidden_states and both masks as keywords")
+
+
+def _check_length(stream: TokenStream, x: torch.Tensor, where: str) -> None:
+    if x.shape[1] != stream.num_tokens:
+        raise RuntimeError(f"meter adapter: {where} has {x.shape[1]} tokens but its stream's mask has "
+                           f"{stream.num_tokens}; the co-attention blocks must run in order on the model's outputs")

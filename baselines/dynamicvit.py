@@ -1,0 +1,430 @@
+"""DynamicViT (Rao et al., NeurIPS 2021): learned prediction modules that prune image tokens.
+
+At reduction layer ``s = 1, 2, ...`` a ``PredictorLG`` (DynamicViT ``models/dyvit.py``) scores
+keep vs. drop from the image tokens' features (``stream.hidden``). Only image segments are
+pruned; protected tokens (image CLS, prefix tokens) are always kept, text is never touched.
+
+- eval: hard top-k with real removal; a row keeps ``floor(rho^s * V0)`` image tokens, ``V0`` its
+  real unprotected image tokens at the start (DynamicViT ``int(init_n * token_ratio[s])``).
+- train: no removal; Gumbel-softmax hard decisions with a straight-through gradient, times the
+  previous stage's. ``softmax_with_policy`` is proportional attention (ToMe Sec. 3) with token
+  sizes equal to the policy, ``exp(a_j) p_j / sum_k exp(a_k) p_k``: the method writes
+  ``eps + (1 - eps) p`` into ``stream.size`` and reports proportional attention, so every adapter
+  adds ``log(size)`` to later attention logits and the gradient reaches the predictors. Unlike
+  ``softmax_with_policy``, a dropped query does not keep its own key (only dropped tokens'
+  outputs change; nothing reads them), and dropped keys weigh ``eps`` instead of ``eps / N``.
+
+A reduction layer ``L`` reduces after its attention, so dropped tokens leave every attention
+from ``L + 1`` on, as DynamicViT's ``pruning_loc = L + 1`` and PuMer's ``prune_layers = L``.
+The predictors belong to the method, never to the backbone (``modules()``, ``save_predictors``);
+training loops call :func:`keep_ratio_loss` and :func:`distillation_loss` (DynamicViT ``losses.py``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pumer_plug.config import check_layers
+from pumer_plug.method import ReductionMethod
+from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.ops.reduce import prune_by_score
+from pumer_plug.registry import METHODS
+from pumer_plug.stream import IMAGE, MIXED, SegmentView, TokenStream
+
+#: weight of a dropped token in train-mode attention (DynamicViT ``softmax_with_policy`` eps)
+POLICY_EPS = 1e-6
+_FORMAT = "pumer_plug.dynamicvit/1"
+
+
+@dataclass(frozen=True)
+class DynamicViTConfig:
+    """DynamicViT's pruning schedule.
+
+    Attributes:
+        reduction_layers: 0-based layers holding a prediction module (stages 1, 2, ...); unique,
+            ascending, below the model's depth (checked at ``apply``).
+        keep_ratio: rho in (0, 1]; stage ``s`` keeps ``floor(rho^s * V0)`` image tokens. 1.0 keeps
+            everything (no predictor runs).
+        tau: Gumbel-softmax temperature of the train-mode decisions (> 0; DynamicViT uses 1).
+        embed_dim: width of the predictors; None builds them at the first forward from the
+            tokens' width (then ``modules()`` is None until that forward).
+
+    Raises:
+        ValueError: a field of the wrong type or range; the message names the field.
+
+    Example:
+        >>> DynamicViTConfig.preset("vilt")       # layers 3, 6, 9; rho = 0.7
+        >>> DynamicViTConfig(reduction_layers=(1, 3), keep_ratio=0.5, embed_dim=768)
+    """
+
+    reduction_layers: tuple[int, ...] = (3, 6, 9)
+    keep_ratio: float = 0.7
+    tau: float = 1.0
+    embed_dim: int | None = None
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    PRESET_SOURCES: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        owner = "DynamicViTConfig"
+        object.__setattr__(self, "reduction_layers", check_layers(owner, "reduction_layers", self.reduction_layers))
+        if not self.reduction_layers:
+            raise ValueError(f"{owner}.reduction_layers must name at least one layer")
+        rho = self.keep_ratio
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho <= 1.0:
+            raise ValueError(f"{owner}.keep_ratio must be a number in (0, 1], got {rho!r}")
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < tau < math.inf:
+            raise ValueError(f"{owner}.tau must be a finite number > 0, got {tau!r}")
+        dim = self.embed_dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 4):
+            raise ValueError(f"{owner}.embed_dim must be None or an int >= 4, got {dim!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "DynamicViTConfig":
+        """Returns a named preset (see ``PRESET_SOURCES``).
+
+        Raises:
+            ValueError: unknown preset, listing the known ones.
+        """
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown DynamicViT preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def list_presets(cls) -> list[str]:
+        return sorted(cls.PRESETS)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.keep_ratio >= 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"layers={','.join(map(str, self.reduction_layers))} rho={self.keep_ratio:g}"
+
+    def stage_keep_ratio(self, layer: int) -> float:
+        """rho^s, the fraction of the starting image tokens kept after ``layer`` (stage s)."""
+        return self.keep_ratio ** (self.reduction_layers.index(layer) + 1)
+
+    def token_schedule(self, num_image: int, num_protected: int = 1) -> list[int]:
+        """Image tokens (protected included) leaving each reduction layer in eval mode."""
+        v0 = num_image - num_protected
+        return [num_protected + keep_count(v0, self.stage_keep_ratio(i)) for i in self.reduction_layers]
+
+
+def keep_count(num_start: int, ratio: float) -> int:
+    """Tokens kept at a stage: DynamicViT's ``int(init_n * token_ratio[s])``, float rounding included
+    (``token_ratio = [rho, rho ** 2, rho ** 3]``, so 100 tokens at 0.7 ** 2 keep 48, not 49)."""
+    return int(num_start * ratio)
+
+
+DynamicViTConfig.PRESETS["vilt"] = dict(reduction_layers=(3, 6, 9), keep_ratio=0.7)
+DynamicViTConfig.PRESET_SOURCES["vilt"] = (
+    "PuMer Sec. 5 ('original DynamicViT configurations'): DynamicViT rho = 0.7 at 3 stages; layers as "
+    "csarron/PuMer conf/model/vilt.yaml prune_layers 3,6,9 (pruned after block i)"
+)
+DynamicViTConfig.PRESETS["deit"] = dict(reduction_layers=(2, 5, 8), keep_ratio=0.7)
+DynamicViTConfig.PRESET_SOURCES["deit"] = (
+    "DynamicViT main.py (DeiT, 12 blocks): pruning_loc [3, 6, 9] before block i = after the attention of block i - 1 here"
+)
+
+
+# -- pure tensor functions ---------------------------------------------------------------------
+class PredictorLG(nn.Module):
+    """Keep/drop log-probabilities from local and policy-pooled global features (DynamicViT ``PredictorLG``).
+
+    Shapes:
+        x (B, n, C), policy (B, n, 1) -> (B, n, 2), log-probabilities of [keep, drop]
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
+            nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1),
+        )
+        for m in self.modules():  # VisionTransformerDiffPruning._init_weights
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        x = self.in_conv(x)  # (B, n, C)
+        B, n, C = x.shape
+        local_x = x[:, :, : C // 2]  # (B, n, C/2)
+        weight = policy.to(x.dtype)
+        total = weight.sum(dim=1, keepdim=True).clamp_min(POLICY_EPS)  # (B, 1, 1); no 0/0 for an empty row
+        global_x = (x[:, :, C // 2 :] * weight).sum(dim=1, keepdim=True) / total  # (B, 1, C - C/2)
+        return self.out_conv(torch.cat([local_x, global_x.expand(B, n, -1)], dim=-1))
+
+
+def gumbel_keep(log_probs: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Hard keep decisions with a straight-through gradient (``F.gumbel_softmax(hard=True)[..., 0:1]``).
+
+    Sampled in float32 with clamped uniforms, so low-precision inputs never give ``log(0)``.
+
+    Shapes:
+        log_probs (B, n, 2) -> (B, n, 1) float32, values 0 or 1
+    """
+    logits = log_probs.float()
+    u = torch.rand_like(logits).clamp(1e-10, 1.0 - 1e-7)
+    soft = ((logits - torch.log(-torch.log(u))) / tau).softmax(dim=-1)  # (B, n, 2)
+    hard = F.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
+    return (hard - soft.detach() + soft)[..., 0:1]
+
+
+def policy_sizes(policy: torch.Tensor, eps: float = POLICY_EPS) -> torch.Tensor:
+    """Token sizes that make proportional attention DynamicViT's masked attention: ``eps + (1 - eps) p``.
+
+    Shapes:
+        policy (B, n, 1) in [0, 1] -> (B, n, 1) float32 in [eps, 1]
+    """
+    return eps + (1.0 - eps) * policy.float()
+
+
+# -- losses a training loop calls --------------------------------------------------------------
+@dataclass(frozen=True)
+class KeepDecision:
+    """One stage's train-mode decisions over one image segment.
+
+    Attributes:
+        layer: the reduction layer.
+        keep: (B, n) float, cumulative hard decisions with straight-through gradients.
+        valid: (B, n) bool, the real unprotected image tokens the ratio is counted over.
+        target: rho^s.
+    """
+
+    layer: int
+    keep: torch.Tensor
+    valid: torch.Tensor
+    target: float
+
+
+def keep_ratio_loss(method: "DynamicViT") -> torch.Tensor:
+    """Mean over stages of the batch-mean squared error between each row's kept fraction and rho^s.
+
+    DynamicViT ``DistillDiffPruningLoss_dynamic``: ``sum_s ((keep.mean(1) - ratio_s) ** 2).mean() / S``;
+    the training script weights it by ``ratio_weight = 2``.
+
+    Raises:
+        RuntimeError: the last forward ran no stage in train mode.
+    """
+    if not method.decisions:
+        raise RuntimeError("keep_ratio_loss: the last forward recorded no train-mode keep decisions (call model.train())")
+    losses = []
+    for d in method.decisions:
+        valid = d.valid.to(d.keep.dtype)
+        fraction = (d.keep * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)  # (B,)
+        losses.append(((fraction - d.target) ** 2).mean())
+    return torch.stack(losses).mean()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the softened logits, times tau^2; DynamicViT's ``cls_kl_loss`` at tau = 1.
+
+    Shapes:
+        student_logits (B, K), teacher_logits (B, K) -> scalar
+    """
+    student = F.log_softmax(student_logits.float() / tau, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().float() / tau, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * tau**2
+
+
+def token_distillation_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """MSE between student and teacher tokens over the kept ones (DynamicViT ``mse_token``).
+
+    Shapes:
+        student_tokens (B, n, C), teacher_tokens (B, n, C), keep (B, n) -> scalar; 0 when nothing is kept
+    """
+    chosen = keep.reshape(-1) > 0.5
+    if not chosen.any():
+        return student_tokens.new_zeros(())
+    C = student_tokens.shape[-1]
+    diff = student_tokens.reshape(-1, C)[chosen].float() - teacher_tokens.detach().reshape(-1, C)[chosen].float()
+    return diff.pow(2).mean()
+
+
+# -- the method --------------------------------------------------------------------------------
+@METHODS.register("dynamicvit")
+class DynamicViT(ReductionMethod):
+    """Learned image-token pruning (DynamicViT Sec. 3) behind the plug-in interface.
+
+    Needs the token features at each reduction layer in ``stream.hidden`` (B, N, C).
+    Train vs. eval follows the plugged model's ``training`` flag at each forward.
+
+    Attributes:
+        decisions: the train-mode :class:`KeepDecision` of every stage of the last forward.
+
+    Raises:
+        RuntimeError: at a forward where the adapter did not provide the hidden states, or the
+            predictors sit on another device than the tokens.
+        ValueError: ``embed_dim`` differs from the tokens' width.
+
+    Example:
+        >>> handle = pumer_plug.apply(model, method="dynamicvit", config=DynamicViTConfig.preset("vilt"))
+        >>> model(**batch)  # builds the predictors from the token width (embed_dim=None)
+        >>> optimizer = torch.optim.AdamW([*model.parameters(), *handle.method.modules().parameters()])
+        >>> model.train(); logits = model(**batch).logits
+        >>> loss = task_loss + 2.0 * keep_ratio_loss(handle.method) + 0.5 * distillation_loss(logits, teacher_logits)
+        >>> handle.method.save_predictors("predictors.safetensors")
+    """
+
+    name = "dynamicvit"
+    config_class = DynamicViTConfig
+
+    def __init__(self, config: DynamicViTConfig) -> None:
+        super().__init__(config)
+        self.training = False
+        self.decisions: list[KeepDecision] = []
+        self._model: weakref.ref | None = None
+        self._predictors: nn.ModuleDict | None = None
+        self._start: dict[tuple[int, int], tuple[int, ...]] = {}  # segment -> V0 per row
+        self._policy: dict[tuple[int, int], torch.Tensor] = {}  # segment -> (B, n, 1) train decisions
+        if config.embed_dim is not None:
+            self._build(config.embed_dim)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def proportional_attention(self) -> bool:
+        return True  # train mode: sizes = keep policy; eval: every size is 1 (pruning never merges)
+
+    def attach(self, handle: Any) -> None:
+        self._model = weakref.ref(handle.model)
+
+    def on_forward_start(self) -> None:
+        model = None if self._model is None else self._model()
+        if model is not None:
+            self.training = model.training
+        if self._predictors is not None:
+            self._predictors.train(self.training)
+        self.decisions = []
+        self._start.clear()
+        self._policy.clear()
+
+    def modules(self) -> nn.ModuleDict | None:
+        """The predictors, one per reduction layer (keys ``str(layer)``); None before a lazy build."""
+        return self._predictors
+
+    def _build(self, embed_dim: int, like: torch.Tensor | None = None) -> None:
+        self._predictors = nn.ModuleDict({str(i): PredictorLG(embed_dim) for i in self.config.reduction_layers})
+        if like is not None:
+            autocast = torch.is_autocast_enabled(like.device.type)
+            self._predictors.to(device=like.device, dtype=torch.float32 if autocast else like.dtype)
+        self._predictors.train(self.training)
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save_predictors(self, path: str) -> None:
+        """Writes the predictors (and the layers and width they fit) to a safetensors file.
+
+        Raises:
+            RuntimeError: no predictors yet (``embed_dim`` is None and no forward ran).
+        """
+        from safetensors.torch import save_file
+
+        if self._predictors is None:
+            raise RuntimeError("DynamicViT has no predictors yet: set DynamicViTConfig.embed_dim or run one forward")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self._predictors.state_dict().items()}
+        dim = self._predictors[str(self.config.reduction_layers[0])].in_conv[1].in_features
+        metadata = {"format": _FORMAT, "embed_dim": str(dim), "reduction_layers": json.dumps(list(self.config.reduction_layers))}
+        save_file(tensors, str(path), metadata=metadata)
+
+    def load_predictors(self, path: str) -> None:
+        """Loads predictors saved by :meth:`save_predictors` into this method (building them if needed).
+
+        Raises:
+            ValueError: the file is not a DynamicViT predictor file, or was saved for other
+                reduction layers or another width.
+        """
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a DynamicViT predictor file (format {metadata.get('format')!r})")
+        layers, dim = tuple(json.loads(metadata["reduction_layers"])), int(metadata["embed_dim"])
+        if layers != self.config.reduction_layers:
+            raise ValueError(f"{path} holds predictors for reduction_layers {layers}, "
+                             f"but the config has {self.config.reduction_layers}")
+        if self._predictors is None:
+            self._build(dim)
+        current = self._predictors[str(layers[0])].in_conv[1].in_features
+        if current != dim:
+            raise ValueError(f"{path} holds predictors of width {dim}, but this method's are {current} wide")
+        self._predictors.load_state_dict(tensors)
+
+    # -- reduction ------------------------------------------------------------------------------
+    def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
+        plans, sizes, start, changed = [], [], 0, False
+        for index, view in enumerate(stream.views()):
+            n = view.segment.length
+            if view.segment.modality == MIXED:
+                raise RuntimeError(f"DynamicViT cannot prune a mixed segment at layer {layer}")
+            plan, size = ReductionPlan.identity(n), None
+            if view.segment.modality == IMAGE and not self.config.is_identity:
+                plan, size = self._prune(layer, stream, (id(stream), index), start, view)
+            plans.append(plan)
+            sizes.append(size)
+            changed |= size is not None
+            start += n
+        if changed:  # train mode: the policy enters later attention as log(size), shapes are kept
+            full = stream.sizes()
+            pieces, start = [], 0
+            for view, size in zip(stream.views(), sizes):
+                stop = start + view.segment.length
+                pieces.append(full[:, start:stop] if size is None else size)
+                start = stop
+            stream.size = torch.cat(pieces, dim=1)  # (B, N, 1)
+            stream.bias_cache = None
+        return stream.reduce_segments(plans)
+
+    def _prune(self, layer: int, stream: TokenStream, key: tuple[int, int], start: int, view: SegmentView):
+        if getattr(stream, "hidden", None) is None:
+            raise RuntimeError(f"DynamicViT: the adapter did not provide the hidden states (stream.hidden) at reduction layer {layer}")
+        x = stream.hidden[:, start : start + view.segment.length]  # (B, n, C)
+        predictor = self._predictor(layer, x)
+        x = x.to(next(predictor.parameters()).dtype)
+        candidates = view.mask & ~view.protected  # (B, n) real, prunable
+        p = view.segment.num_protected
+        v0 = self._start.setdefault(key, tuple(n - p for n in view.lengths))
+        ratio = self.config.stage_keep_ratio(layer)
+        if self.training:
+            prev = self._policy.get(key)
+            prev = candidates.float().unsqueeze(-1) if prev is None else prev  # (B, n, 1)
+            keep = self._decide(predictor(x, prev), prev)
+            self._policy[key] = keep
+            self.decisions.append(KeepDecision(layer, keep[..., 0], candidates, ratio))
+            size = torch.where(candidates.unsqueeze(-1), policy_sizes(keep), torch.ones_like(keep))
+            return ReductionPlan.identity(view.segment.length), size
+        with torch.no_grad():
+            scores = predictor(x, candidates.unsqueeze(-1))[..., 0]  # (B, n) keep log-probability
+        kept = [min(n - p, keep_count(v, ratio)) for n, v in zip(view.lengths, v0)]
+        pruned = tuple(n - p - k for n, k in zip(view.lengths, kept))
+        return prune_by_score(scores, view.mask, view.protected, pruned, view.lengths), None
+
+    def _decide(self, log_probs: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Train-mode keep decisions (B, n, 1): Gumbel hard samples times the previous ones (DynamicViT ``forward``)."""
+        return gumbel_keep(log_probs, self.config.tau) * prev
+
+    def _predictor(self, layer: int, x: torch.Tensor) -> PredictorLG:
+        if self._predictors is None:
+            self._build(x.shape[-1], like=x)
+        predictor = self._predictors[str(layer)]
+        weight = predictor.in_conv[1].weight
+        if weight.shape[1] != x.shape[-1]:
+            raise ValueError(f"DynamicViTConfig.embed_dim is {weight.shape[1]}, but the tokens at layer {layer} are {x.shape[-1]} wide")
+        if weight.device != x.device:
+            raise RuntimeError(f"DynamicViT predictors are on {weight.device} but the tokens on {x.device}; "
+                               "move them with handle.method.modules().to(device)")
+        return predictor

@@ -1,0 +1,221 @@
+"""Smaller resolution (SmRes): the input-downsampling baseline of PuMer Table 2.
+
+Fewer pixels give fewer patches, so every layer computes on fewer image tokens. A forward
+pre-hook on the plugged model resizes the image input (bilinear, antialiased) and any pixel mask
+(nearest) before the model sees them. Which argument holds the image is read from the signature
+of the model's ``forward``: ``pixel_values`` (B, C, H, W) or (B, n, C, H, W), ``x``, ``image``,
+``images``; ``pixel_mask`` (B, H, W) or (B, n, H, W).
+
+The backbone must then take images of the new size, with position embeddings interpolated to the
+new, possibly non-square, patch grid (1 + (H/p)(W/p) positions). That is backbone knowledge, so
+``attach`` asks the adapter (``adapter.accept_image_size(handle)``) when it has that hook;
+otherwise it relies on the backbone itself:
+
+- ViLT (transformers): ``visual_embed`` interpolates the position embedding to each image's
+  (h, w) patch grid: works, non-square included.
+- BridgeTower and other transformers vision models: every module whose ``forward`` takes
+  ``interpolate_pos_encoding`` gets it set to True (bicubic to (H/p, W/p)): works, non-square included.
+- timm ViT built with ``dynamic_img_size=True``: resamples ``pos_embed`` per forward: works.
+- timm ViT with a fixed size, open_clip ``VisionTransformer``, METER's CLIP tower: need the
+  adapter's ``accept_image_size`` (their position embeddings have a fixed length).
+
+SmRes reduces no token inside the model. It reports reduction layer 0, where it returns identity
+plans, so ``handle.token_counts[0]`` holds the (smaller) token counts every layer computes on.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pumer_plug.method import ReductionMethod
+from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.registry import METHODS
+from pumer_plug.stream import TokenStream
+
+#: forward arguments that may hold the image, in the order they are looked for
+IMAGE_ARGUMENTS = ("pixel_values", "x", "image", "images")
+#: forward arguments that hold a per-pixel mask of the image
+PIXEL_MASK_ARGUMENTS = ("pixel_mask",)
+DEFAULT_SCALE = 0.75
+
+
+@dataclass(frozen=True)
+class SmResConfig:
+    """The input size of the SmRes baseline: a scale or a fixed image size.
+
+    Attributes:
+        scale: side-length factor in (0, 1]; 1.0 is the identity. Used when ``image_size`` is
+            None; if both are None it is ``DEFAULT_SCALE`` (0.75, e.g. 384 -> 288).
+        image_size: (H, W) fed to the model (an int means square), instead of a scale.
+        multiple_of: rounds each target side down to a multiple of this (e.g. the patch size, so
+            no pixel row is cut off by the patch embedding); at least one multiple.
+        antialias: antialiased bilinear downsampling (as PIL/torchvision resizing).
+
+    Raises:
+        ValueError: a field of the wrong type or range, or both ``scale`` and ``image_size``.
+
+    Example:
+        >>> SmResConfig(scale=0.5)                       # 384 x 640 -> 192 x 320
+        >>> SmResConfig(image_size=(288, 480), multiple_of=32)
+    """
+
+    scale: float | None = None
+    image_size: tuple[int, int] | None = None
+    multiple_of: int = 1
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        scale, size = self.scale, self.image_size
+        if scale is not None and size is not None:
+            raise ValueError("SmResConfig.scale and SmResConfig.image_size exclude each other; set one")
+        if size is None:
+            scale = DEFAULT_SCALE if scale is None else scale
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= 1.0:
+                raise ValueError(f"SmResConfig.scale must be a number in (0, 1], got {scale!r}")
+            object.__setattr__(self, "scale", float(scale))
+        else:
+            size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+            try:
+                size = tuple(size)
+            except TypeError:
+                raise ValueError(f"SmResConfig.image_size must be (H, W) or an int, got {self.image_size!r}") from None
+            if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+                raise ValueError(f"SmResConfig.image_size must be two ints > 0 (H, W), got {self.image_size!r}")
+            object.__setattr__(self, "image_size", size)
+        m = self.multiple_of
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"SmResConfig.multiple_of must be an int >= 1, got {m!r}")
+        if not isinstance(self.antialias, bool):
+            raise ValueError(f"SmResConfig.antialias must be a bool, got {self.antialias!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.image_size is None and self.scale == 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"image_size={self.image_size}" if self.image_size else f"scale={self.scale:g}"
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) fed to the model for an input of ``height`` x ``width`` pixels."""
+        if self.is_identity:
+            return height, width
+        if self.image_size is not None:
+            h, w = self.image_size
+        else:
+            h, w = (int(math.floor(n * self.scale + 0.5)) for n in (height, width))
+        m = self.multiple_of
+        return max(m, h // m * m), max(m, w // m * m)
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize of the last two dims (computed in float32, returned in the input dtype).
+
+    Shapes:
+        images (..., C, H, W) -> (..., C, h, w)
+    """
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    flat = images.reshape(-1, *images.shape[-3:]).float()  # (B', C, H, W)
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+    return out.to(images.dtype).reshape(*images.shape[:-2], *size)
+
+
+def resize_pixel_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest resize of a per-pixel mask.
+
+    Shapes:
+        mask (..., H, W) -> (..., h, w), same dtype
+    """
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()  # (B', 1, H, W)
+    out = F.interpolate(flat, size=size, mode="nearest")
+    return out.to(mask.dtype).reshape(*mask.shape[:-2], *size)
+
+
+@METHODS.register("smres")
+class SmRes(ReductionMethod):
+    """Downsamples the input images before the model (PuMer Table 2, "SmRes").
+
+    Raises:
+        ValueError: at ``apply``, when the model's ``forward`` has no image argument.
+        RuntimeError: at a forward that passes no image tensor (e.g. only ``image_embeds``).
+    """
+
+    name = "smres"
+    config_class = SmResConfig
+
+    def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (0,)  # identity plans there: the adapter records the token counts of the forward
+
+    def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
+        return stream.reduce_segments([ReductionPlan.identity(s.length) for s in stream.segments])
+
+    def attach(self, handle: Any) -> None:
+        model = handle.model
+        signature = inspect.signature(model.forward)
+        if not any(name in signature.parameters for name in IMAGE_ARGUMENTS):
+            raise ValueError(f"smres: {type(model).__name__}.forward{signature} has no image argument "
+                             f"(one of {', '.join(IMAGE_ARGUMENTS)})")
+        handle.add_forward_pre_hook(model, self._resizer(signature, type(model).__name__), with_kwargs=True)
+        accept = getattr(handle.adapter, "accept_image_size", None)
+        if accept is not None:
+            accept(handle)
+        else:
+            request_pos_interpolation(handle, model)
+
+    def _resizer(self, signature: inspect.Signature, owner: str):
+        config = self.config
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            bound = signature.bind_partial(*args, **kwargs)
+            values = bound.arguments
+            name = next((n for n in IMAGE_ARGUMENTS if _is_image(values.get(n))), None)
+            if name is None:
+                raise RuntimeError(f"smres: {owner}.forward got no image tensor to resize "
+                                   f"(looked for {', '.join(IMAGE_ARGUMENTS)})")
+            images = values[name]  # (B, C, H, W) or (B, n, C, H, W)
+            size = config.target_size(*images.shape[-2:])
+            values[name] = resize_images(images, size, config.antialias)
+            for mask_name in PIXEL_MASK_ARGUMENTS:
+                if torch.is_tensor(values.get(mask_name)):
+                    values[mask_name] = resize_pixel_mask(values[mask_name], size)
+            return bound.args, bound.kwargs
+
+        return hook
+
+
+def request_pos_interpolation(handle: Any, model: nn.Module) -> None:
+    """Sets ``interpolate_pos_encoding=True`` on every module whose ``forward`` takes it
+    (the transformers convention for vision models fed another image size)."""
+    for module in model.modules():
+        signature = _signature(type(module))
+        if signature is None or "interpolate_pos_encoding" not in signature.parameters:
+            continue
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, signature=signature):
+            bound = signature.bind_partial(module, *args, **kwargs)
+            bound.arguments["interpolate_pos_encoding"] = True
+            return bound.args[1:], bound.kwargs
+
+        handle.add_forward_pre_hook(module, hook, with_kwargs=True)
+
+
+def _signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_image(value: Any) -> bool:
+    return torch.is_tensor(value) and value.is_floating_point() and value.dim() in (4, 5)

@@ -23,9 +23,9 @@ same block then runs entirely on the reduced image tokens. Hook points of block 
   at block 0 (streams built from the masks the block receives, so NLVR2's fused 2B batch and
   direct ``infer`` calls work alike), checks that both inputs match their streams, and, after the
   first reduction block, rewrites both masks;
-- keys: ``text_layer.attention.self.key`` (text, B x T x C) and
-  ``text_layer.crossattention.self.key`` (the image tokens projected by the text layer's
-  cross-attention, B x V x C; PuMer's image merging metric);
+- keys (mean over heads, ``TokenStream.set_keys``, PuMer's ``key_layer.mean(1)``):
+  ``text_layer.attention.self.key`` (text) and ``text_layer.crossattention.self.key`` (the image
+  tokens projected by the text layer's cross-attention; PuMer's image merging metric);
 - text-saliency (PuMer Eq. 1): the input of ``text_layer.crossattention.self.dropout``, the
   probabilities (B, H, T, V) of text queries over image keys, averaged over real text tokens;
 - reduction point: input of ``text_layer.intermediate``. The method reduces the text stream (the
@@ -41,16 +41,18 @@ Every rewritten call gets masks whose length equals that of the tensors they cov
 
 Differences from the official code: PuMer feeds the image layer the text layer's *output* (new
 ``x``) in every block, which changes METER's data flow even without reduction; we keep METER's
-flow (old ``x``) and reduce it with the text plan. PuMer prunes/merges with counts from padded
-lengths and mean-over-heads keys; the counts and metrics here are the method's (per-row real
-lengths, ``pumer_plug.pumer``).
+flow (old ``x``) and reduce it with the text plan. Token counts are the method's
+(``pumer_plug.pumer``: per-row real lengths, image merges ``round(r * |V_pruned|)``); PuMer's code
+merges ``round(r * |V|)`` of the pre-prune length and counts padded text.
 
 FLOPs consequence: the vision and text encoders are not reduced (PuMer Table 7). In a reduction
 block the text layer runs self- and cross-attention on all tokens (its cross-attention keys and
 values over all image tokens) and its FFN on the reduced text; the image layer runs wholly on the
 reduced image tokens and attends to the reduced text. METER-B at 384 x 384 with 40 text tokens and
-``meter-vqa`` (blocks 0-3, k = r = t = 0.2): image tokens 577 -> 370 -> 237 -> 152 -> 98, about
-92 -> 66 GMACs per example (the vision encoder alone is about 50).
+``meter-vqa`` (blocks 0-3, k = r = t = 0.2): image tokens 577 -> 370 -> 237 -> 152 -> 98, text
+40 -> 32 -> 26 -> 21 -> 17, 93.1 -> 67.1 GMACs per example (1.39x; FlopCounterMode, the vision
+encoder alone is about 50). With PuMer's code's merge counts (577 -> 347 -> 209 -> 125 -> 75) the
+same placement gives 93.1 -> 65.6 GMACs (1.42x), the paper's 92 -> 64.7 (Table 7).
 """
 from __future__ import annotations
 
@@ -137,8 +139,10 @@ class MeterAdapter(Adapter):
             if i not in handle.reduction_layers:
                 continue
             if method.needs_keys:
-                handle.add_forward_hook(text_layer.attention.self.key, _keys_catcher(handle, "text"))
-                handle.add_forward_hook(text_layer.crossattention.self.key, _keys_catcher(handle, "image"))
+                heads = text_layer.attention.self.num_attention_heads
+                handle.add_forward_hook(text_layer.attention.self.key, _keys_catcher(handle, "text", heads))
+                heads = text_layer.crossattention.self.num_attention_heads
+                handle.add_forward_hook(text_layer.crossattention.self.key, _keys_catcher(handle, "image", heads))
             if method.needs_text_saliency:
                 handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, _saliency_catcher(handle))
             handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
@@ -190,20 +194,18 @@ class MeterAdapter(Adapter):
             if state.block != i:
                 raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i}.intermediate ran outside its layer")
             hidden = args[0]  # (B, T, C), after self- and cross-attention
-            plans: dict[str, ReductionPlan] = {}
             for name in STREAMS:
                 stream = streams[name]
                 size = stream.size  # None while every token has size 1
                 stream.hidden = hidden if name == "text" else state.inputs[name]  # token features (DynamicViT)
-                plans[name] = handle.method.reduce(i, stream)
-                stream.hidden = None
+                plan: ReductionPlan = handle.method.reduce(i, stream)
                 handle.record_counts(i, name, stream)
-                if not plans[name].is_identity:
-                    state.reduced[name] = plans[name].apply(state.inputs[name], size)  # block input, (B, N', C)
-                    if name == "text":
-                        reduced = plans[name].apply(hidden, size)  # (B, T', C)
-                        state.residual = {"input": hidden, "output": reduced}
-            return None if not state.residual else (state.residual["output"],)
+                if plan.is_identity:
+                    continue
+                state.reduced[name] = plan.apply(state.inputs[name], size)  # block input, (B, N', C)
+                if name == "text":
+                    state.residual = {"input": hidden, "output": plan.apply(hidden, size)}  # (B, T', C)
+            return (state.residual["output"],) if state.residual else None
 
         return hook
 
@@ -245,9 +247,9 @@ class MeterAdapter(Adapter):
         return hook
 
 
-def _keys_catcher(handle: Any, name: str):
+def _keys_catcher(handle: Any, name: str, num_heads: int):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        handle.streams[name].keys = out  # (B, N, C)
+        handle.streams[name].set_keys(out, num_heads)  # (B, N, C) -> mean over heads (B, N, C/H)
 
     return hook
 

@@ -108,8 +108,9 @@ class PumerConfig:
         counts, t, v = [], num_text, num_image
         for layer in range(num_layers):
             if layer in self.reduction_layers:
+                r = merge_count(v, self.image_merge_ratio, 1)  # of the image tokens before pruning
                 v -= prune_count(v, self.prune_ratio, 1)
-                v -= merge_count(v, self.image_merge_ratio, 1)
+                v -= min(r, (v - 1) // 2)
                 t -= merge_count(t, self.text_merge_ratio, 1)
             counts.append((t, v))
         return counts

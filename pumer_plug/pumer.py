@@ -16,9 +16,11 @@ class Pumer(ReductionMethod):
     At a reduction layer an image segment is pruned by text-saliency score (keep the top
     ``1 - k``) and its kept tokens are merged by bipartite soft matching (ratio ``r``); a text
     segment is merged (ratio ``t``). Image and text tokens never merge with each other.
-    Counts per row follow the row's real tokens: ``round(k|V|)`` pruned, ``round(r|V_p|)`` and
-    ``round(t|T|)`` merged (PuMer Alg. 1 lines 2 and 8, footnotes 5-6), merges capped at half
-    of a segment's mergeable tokens.
+    Counts per row follow the row's real tokens: ``round(k|V|)`` pruned, ``round(r|V|)`` and
+    ``round(t|T|)`` merged, merges capped at half of a segment's mergeable tokens. The image merge
+    count is taken of the image tokens *before* pruning, as in the released code
+    (``merge_r = round(merge_ratio * image_length)``) and in the FLOPs of the paper's Table 7;
+    Alg. 1's footnote 6 writes ``r|X|`` of the pruned set instead.
 
     Raises:
         RuntimeError: at a forward where the adapter did not capture the keys or text-saliency
@@ -40,20 +42,22 @@ class Pumer(ReductionMethod):
             if view.segment.modality == IMAGE:
                 plans.append(self._reduce_image(layer, view))
             elif view.segment.modality == TEXT:
-                plans.append(self._merge(layer, view, view.lengths, self.config.text_merge_ratio))
+                t = self.config.text_merge_ratio
+                merged = tuple(merge_count(n, t, view.segment.num_protected) for n in view.lengths)
+                plans.append(self._merge(layer, view, view.lengths, merged))
             else:
                 raise RuntimeError(f"PuMer cannot reduce a {view.segment.modality!r} segment at layer {layer}")
         return stream.reduce_segments(plans)
 
     def _reduce_image(self, layer: int, view: SegmentView) -> ReductionPlan:
-        cfg = self.config
-        p = view.segment.num_protected
-        pruned = tuple(prune_count(n, cfg.prune_ratio, p) for n in view.lengths)
-        if any(pruned) and view.saliency is None:
+        cfg, p = self.config, view.segment.num_protected
+        pruned = tuple(prune_count(n, cfg.prune_ratio, p) for n in view.lengths)  # PuMer Alg. 1 line 2
+        merged = tuple(merge_count(n, cfg.image_merge_ratio, p) for n in view.lengths)  # of |V| before pruning
+        if not any(pruned):
+            return self._merge(layer, view, view.lengths, merged)
+        if view.saliency is None:
             raise RuntimeError(f"PuMer: text-saliency scores were not captured at reduction layer {layer}")
-        prune = prune_by_score(view.saliency, view.mask, view.protected, pruned, view.lengths) if any(pruned) else None
-        if prune is None or prune.is_identity:
-            return self._merge(layer, view, view.lengths, cfg.image_merge_ratio)
+        prune = prune_by_score(view.saliency, view.mask, view.protected, pruned, view.lengths)  # Alg. 1 line 3
         kept = tuple(n - k for n, k in zip(view.lengths, pruned))
         after = SegmentView(
             view.segment,
@@ -63,10 +67,11 @@ class Pumer(ReductionMethod):
             kept,
             None,
         )
-        return prune.then(self._merge(layer, after, kept, cfg.image_merge_ratio))
+        return prune.then(self._merge(layer, after, kept, merged))  # Alg. 1 line 4
 
-    def _merge(self, layer: int, view: SegmentView, lengths: tuple[int, ...], ratio: float) -> ReductionPlan:
-        merged = tuple(merge_count(n, ratio, view.segment.num_protected) for n in lengths)
+    def _merge(self, layer: int, view: SegmentView, lengths: tuple[int, ...], merged: tuple[int, ...]) -> ReductionPlan:
+        p = view.segment.num_protected
+        merged = tuple(min(r, (n - p) // 2) for r, n in zip(merged, lengths))  # cap after pruning
         if any(merged) and view.keys is None:
             raise RuntimeError(f"PuMer: attention keys were not captured at reduction layer {layer}")
         if not any(merged):

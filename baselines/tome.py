@@ -128,7 +128,8 @@ class Tome(ReductionMethod):
     """Token merging by bipartite soft matching over a whole stream (ToMe Sec. 3).
 
     Attributes:
-        effective_r: layer -> tokens merged away per row in the last forward (after the cap).
+        effective_r: layer -> tokens merged away per row in the last forward (after the cap), one
+            tuple per stream in the order the adapter reduced them (two-stream models have two).
 
     Raises:
         RuntimeError: at a forward where the adapter did not capture the keys.
@@ -143,7 +144,7 @@ class Tome(ReductionMethod):
         super().__init__(config)
         self.merges_text = not config.is_identity  # tokens merge whatever their modality
         self._schedule: tuple[int, ...] = ()
-        self.effective_r: dict[int, tuple[int, ...]] = {}
+        self.effective_r: dict[int, list[tuple[int, ...]]] = {}
 
     def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.config.reduction_layers is not None:
@@ -159,7 +160,7 @@ class Tome(ReductionMethod):
         lengths = stream.real_counts()
         num_protected = sum(s.num_protected for s in stream.segments)
         merged = tuple(merge_cap(n, r, num_protected) for n in lengths)
-        self.effective_r[layer] = merged
+        self.effective_r.setdefault(layer, []).append(merged)
         if any(merged) and stream.keys is None:
             raise RuntimeError(f"ToMe: attention keys were not captured at reduction layer {layer}")
         if any(merged):

@@ -112,7 +112,7 @@ def test_reduce_caps_r_and_reports_the_effective_r():
     assert plan.num_out == 6 and stream.segments == [Segment(IMAGE, 6, 1)]
     stream.keys = torch.randn(2, 6, 8)
     method.reduce(1, stream)  # 5 mergeable tokens: at most 2 merge
-    assert method.effective_r == {0: (3, 3), 1: (2, 2)}
+    assert method.effective_r == {0: [(3, 3)], 1: [(2, 2)]}
     assert stream.real_counts() == (4, 4) and stream.sizes().sum(dim=1).flatten().tolist() == [9.0, 9.0]
     assert stream.protected[:, 0].all() and stream.sizes()[:, 0].eq(1).all()  # CLS never merges
     method.on_forward_start()
@@ -160,7 +160,7 @@ def test_tome_on_vilt_merges_across_modalities_and_proportional_attention_matter
     assert all(c.text == c.image == 0 and c.mixed > 0 for c in counts.values())
     # padded length 9 + 25 = 34; the longest row has 9 + 25 real tokens, 3 merged per layer
     assert [c.mixed for c in counts.values()] == [31, 28, 25, 22]
-    assert effective == {i: (3, 3, 3) for i in range(4)}
+    assert effective == {i: [(3, 3, 3)] for i in range(4)}
     assert not torch.allclose(outs[0], outs[1], atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""The ``pumer-plug`` command: compare, bench, train, list.
+"""The ``pumer-plug`` command: compare, bench, train, list, finetune, sweep, plot.
 
 Every user error (unknown method or preset, unreadable config, bad option value) ends in one
 line on stderr naming the problem and exit status 2, never a traceback.
@@ -21,6 +21,33 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -129,6 +156,109 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_config(args: argparse.Namespace, **fields: Any) -> Any:
+    """The ``FinetuneConfig`` of the finetuning options shared by ``finetune`` and ``sweep --finetune``."""
+    from pumer_plug.evaluation.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        epochs=args.epochs, patience=args.patience, batch_size=args.train_batch_size,
+        steps_per_epoch=args.steps_per_epoch, num_train_examples=args.num_train_examples,
+        num_val_examples=args.num_val_examples, learning_rate=args.lr, predictor_learning_rate=args.predictor_lr,
+        distill=not args.no_distill, distill_weight=args.distill_weight, temperature=args.temperature,
+        hidden_distill_weight=args.hidden_distill_weight, keep_ratio_weight=args.keep_ratio_weight,
+        seed=args.seed, mixed_precision=args.mixed_precision, **fields)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pumer_plug.evaluation.finetune import finetune
+    from pumer_plug.evaluation.tasks import get_task
+
+    if "," in args.method:
+        raise ValueError(f"--method takes one method, got {args.method!r}")
+    method = "none" if args.method in ("none", "dense") else _parse_methods(args.method)[0]
+    if method == "none" and args.config:
+        raise ValueError("--config needs a reduction --method (the dense model has no config)")
+    config = _finetune_config(args, method=method, method_config=args.config, checkpoint_every=args.checkpoint_every)
+    task = get_task(args.task, cache_dir=args.cache_dir)
+    output = Path(args.output or f"results/finetune/{method}")
+    result = finetune(task, config, output, resume=args.resume, device=args.device)
+    initial = result.initial_val_accuracy
+    print(f"finetuned {method} for {result.epochs_run} epoch(s), {result.steps} steps, {result.seconds:.0f} s"
+          f"{' (stopped early)' if result.stopped_early else ''}")
+    if initial is not None:
+        print(f"val accuracy: {100 * initial:.2f}% before, {100 * result.best_val_accuracy:.2f}% best (epoch {result.best_epoch + 1})")
+    print(f"written: {output} (weights, method.json, metrics.jsonl, finetune.json, checkpoint/)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from pumer_plug.evaluation.plot import plot_results
+    from pumer_plug.evaluation.sweep import load_grid, run_sweep
+    from pumer_plug.evaluation.tasks import get_task
+
+    grid = load_grid(args.grid)
+    finetune_base = _finetune_config(args) if args.finetune else None
+    output = Path(args.output or f"results/sweep/{grid.name}{'-finetune' if args.finetune else ''}")
+    if args.list_points:
+        for point in grid.points:
+            print(f"{point.method:11s} {point.label:40s} {point.key(finetune_base)}")
+        return 0
+    task_options = {"cache_dir": args.cache_dir}
+    if args.num_test_examples:
+        task_options["num_test_examples"] = args.num_test_examples
+    task = get_task(args.task, **task_options)
+    results = output / "results.jsonl"
+    records = run_sweep(task, grid.points, results, name=grid.name, finetune_base=finetune_base,
+                        batch_size=args.batch_size, device=args.device, rounds=args.rounds,
+                        timing_batches=args.timing_batches)
+    if not records:
+        print(f"every point of {grid.name} has finished in {results}; nothing to measure")
+    rows = [[r.get("method", "dense"), ", ".join(r.get("labels") or [r["label"]]), r["status"],
+             "-" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}%",
+             "-" if r.get("throughput_increase") is None else f"{r['throughput_increase']:.2f}x", r.get("error") or ""]
+            for r in records]
+    if rows:
+        print(tabulate(rows, headers=["method", "label", "status", "accuracy", "throughput increase", "error"],
+                       tablefmt="github", disable_numparse=True))
+    failed = sum(r["status"] == "error" for r in records)
+    print(f"\nwritten: {results}" + (f" ({failed} point(s) failed; re-run to retry them)" if failed else ""))
+    if not args.no_plot:
+        paths = plot_results(results)
+        print("plotted:", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pumer_plug.evaluation.plot import plot_results
+
+    annotate = {"auto": None, "yes": True, "no": False}[args.annotate]
+    paths = plot_results(args.results, args.output, title=args.title, annotate=annotate)
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("finetuning (PuMer Sec. 4.3 / App. A.1 scaled to a CPU)")
+    g.add_argument("--epochs", type=_positive_int, default=4, help="maximum epochs (paper: 20; default: 4)")
+    g.add_argument("--patience", type=_positive_int, default=2, help="early-stopping patience in epochs (paper: 5; default: 2)")
+    g.add_argument("--train-batch-size", type=_positive_int, default=32, help="training examples per step and process (default: 32)")
+    g.add_argument("--steps-per-epoch", type=_positive_int, default=None, help="cap on the steps of an epoch (default: the whole train split)")
+    g.add_argument("--num-train-examples", type=_positive_int, default=2048, help="built-in task: train split size (default: 2048)")
+    g.add_argument("--num-val-examples", type=_positive_int, default=500, help="val examples for early stopping (default: 500)")
+    g.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (default: 1e-4, as PuMer)")
+    g.add_argument("--predictor-lr", type=_positive_float, default=1e-3, help="DynamicViT predictors' learning rate (default: 1e-3)")
+    g.add_argument("--no-distill", action="store_true", help="no knowledge distillation from the dense model")
+    g.add_argument("--distill-weight", type=_non_negative_float, default=1.0, help="weight of the KL loss on logits (default: 1)")
+    g.add_argument("--temperature", type=_positive_float, default=1.0, help="distillation temperature (default: 1)")
+    g.add_argument("--hidden-distill-weight", type=_non_negative_float, default=0.0,
+                   help="weight of the MSE on the first final hidden token, the text [CLS] in ViLT (default: 0, off)")
+    g.add_argument("--keep-ratio-weight", type=_non_negative_float, default=2.0, help="DynamicViT keep-ratio loss weight (default: 2)")
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation, data order and sampling (default: 0)")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision (default: no)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pumer-plug", description="Plug-in token reduction (PuMer) for vision-language transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -164,6 +294,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     _add_common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="finetune a model with a method attached (distillation, early stopping, resumable)",
+                       description="Finetune the task's model with a reduction method attached, distilling from the frozen "
+                                   "dense model; early stopping on val accuracy; resumable. Several GPUs: "
+                                   "accelerate launch -m pumer_plug.cli finetune --device cuda ...")
+    p.add_argument("--task", default="builtin", help="task name (default: builtin)")
+    p.add_argument("--method", default="pumer", help="reduction method, or none for the dense model (default: pumer)")
+    p.add_argument("--config", default=None, metavar="PRESET_OR_FILE", help="method config (default: the task's preset)")
+    p.add_argument("--output", default=None, help="output folder (default: results/finetune/METHOD)")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=0, help="also checkpoint every N steps (default: 0, epoch ends only)")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
+    _add_finetune_options(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("sweep", help="grid of methods x knobs: accuracy, throughput increase, memory, FLOPs per point",
+                       description="Measure every point of a grid against the dense model (once per run) and append JSON "
+                                   "lines; re-running skips finished points. Presets: figure5, table3, table4 "
+                                   "(the paper's studies scaled to the built-in 6-layer model). Grid file schema: "
+                                   "see pumer_plug.evaluation.sweep.")
+    p.add_argument("--grid", required=True, metavar="PRESET_OR_FILE", help="figure5, table3, table4, or a YAML/JSON grid file")
+    p.add_argument("--task", default="builtin", help="task name (default: builtin)")
+    p.add_argument("--output", default=None, help="output folder (default: results/sweep/GRID, GRID-finetune with --finetune)")
+    p.add_argument("--finetune", action="store_true", help="finetune every point (with distillation) before measuring")
+    p.add_argument("--num-test-examples", type=_positive_int, default=None, help="test split size (default: the task's)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default: 64)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds per point; the median is reported (default: 3)")
+    p.add_argument("--timing-batches", type=_positive_int, default=2, help="test batches per timed round (default: 2)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the figure and tables at the end")
+    p.add_argument("--list-points", action="store_true", help="print the grid's points and keys, measure nothing")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
+    _add_finetune_options(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="accuracy vs throughput increase figure and Table 3/4 layouts from sweep results",
+                       description="Write tradeoff.png/.svg (Pareto front marked, dense as reference), table3.md and "
+                                   "table4.md next to the results (or into --output).")
+    p.add_argument("results", help="results.jsonl written by pumer-plug sweep")
+    p.add_argument("--output", default=None, help="output folder (default: the results file's folder)")
+    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--annotate", choices=("auto", "yes", "no"), default="auto",
+                   help="label every point (auto: when there are at most 12)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("list", help="registered methods, adapters and presets")
     p.set_defaults(func=cmd_list)

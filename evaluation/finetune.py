@@ -1,0 +1,714 @@
+"""``pumer-plug finetune``: finetunes a model with a token-reduction method attached.
+
+PuMer Sec. 4.3 / Appendix A.1: the reduced model is finetuned like the original one (20 epochs,
+early stopping with a patience of 5 on val accuracy) plus a knowledge-distillation loss from the
+original finetuned model. The released code (csarron/PuMer ``conf/run.yaml``, ``task_base.py``)
+uses AdamW at lr 1e-4, weight decay 0.01, 10% linear warm-up then linear decay, and
+``loss = task + 1.0 * KL(teacher || student)`` on the logits at temperature 1, hidden-state loss
+off. Defaults here are that recipe scaled to a CPU: 4 epochs of 64 steps of 32 examples,
+patience 2 (about 2 minutes for the built-in model on 2 cores).
+
+Loss: ``task + distill_weight * tau^2 KL(teacher/tau || student/tau)
++ hidden_distill_weight * MSE(first final hidden token) + keep_ratio_weight * keep_ratio_loss``.
+The hidden term compares only the first token of the final hidden states (the text [CLS] of
+ViLT, the token its pooler and classifier read): every method protects it and plans keep it
+first, while the other tokens of a reduced model have no one-to-one teacher counterpart. The
+keep-ratio term (DynamicViT ``ratio_weight = 2``) is added for DynamicViT, whose predictors
+(``handle.method.modules()``, built by one forward) train at ``predictor_learning_rate`` and are
+saved apart from the backbone with ``save_predictors``.
+
+Several GPUs (accelerate: ``Accelerator``, ``prepare``, ``backward``; no hand-written
+distributed code)::
+
+    accelerate launch --num_processes 4 -m pumer_plug.cli finetune --device cuda --method pumer
+
+Each process takes every n-th batch (global batch = ``batch_size`` x processes) and evaluates the
+whole val split, so all processes take the same early-stopping decision.
+
+Output directory: ``config.json`` + ``model.safetensors`` (the best epoch, ``save_pretrained``),
+``predictors.safetensors`` (DynamicViT), ``method.json`` (method, config, adapter),
+``metrics.jsonl`` (one line per epoch), ``finetune.json`` (settings and summary), and
+``checkpoint/`` (last state: ``model.safetensors``, ``optimizer.pt``, ``scheduler.pt``,
+``rng_<process>.pt`` written with ``torch.save`` of plain tensors and dicts and read back with
+``weights_only=True``, and ``trainer_state.json``). ``accelerator.save_state`` is not used: it
+pickles RNG states that only load with ``weights_only=False``.
+
+Tasks: the ``EvalTask`` protocol of :mod:`~pumer_plug.evaluation.compare` (``load_model`` must
+return a fresh model each call: finetuning changes its weights in place) plus
+``train_batches(batch_size, seed) -> sequence of (inputs, targets)`` (called once per epoch with
+a seed derived from the run seed and the epoch) and optionally ``loss(logits, targets)``
+(default: cross-entropy). The built-in task gets both from :func:`train_batches_of`.
+
+Example:
+    >>> result = finetune(get_task("builtin"), FinetuneConfig(method="pumer"), "runs/ft-pumer")
+    >>> model, method, config = load_finetuned("runs/ft-pumer")
+    >>> with attach_finetuned(model, "runs/ft-pumer"): model(**batch)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pumer_plug.baselines.dynamicvit import DynamicViT, distillation_loss, keep_ratio_loss
+from pumer_plug.configs import load_method_config
+from pumer_plug.handle import ReductionHandle, apply
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+DENSE = ("none", "dense")
+CHECKPOINT = "checkpoint"
+PREDICTORS = "predictors.safetensors"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one finetuning run (defaults: the PuMer recipe scaled to a CPU).
+
+    Attributes:
+        method: registered method name, or "none"/"dense" to finetune the dense model.
+        method_config: config object, preset name, JSON/YAML path or mapping; None takes the
+            task's ``default_config(method)``.
+        epochs: maximum epochs (PuMer: 20).
+        patience: stop after this many epochs without a better val accuracy (PuMer: 5).
+        batch_size: training examples per step and process.
+        steps_per_epoch: cap on the steps of an epoch (None: the whole train split).
+        num_train_examples: train split size (tasks without ``train_batches`` only).
+        num_val_examples: val examples used for early stopping.
+        distill: distil from the frozen dense model; ``distill_weight`` scales the KL term,
+            ``temperature`` softens both logits; ``hidden_distill_weight`` scales the hidden term.
+        keep_ratio_weight: weight of DynamicViT's keep-ratio loss.
+        checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
+    """
+
+    method: str = "pumer"
+    method_config: Any = None
+    epochs: int = 4
+    patience: int = 2
+    batch_size: int = 32
+    steps_per_epoch: int | None = None
+    num_train_examples: int = 2048
+    num_val_examples: int = 500
+    eval_batch_size: int = 64
+    learning_rate: float = 1e-4
+    predictor_learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    max_grad_norm: float | None = 1.0
+    distill: bool = True
+    distill_weight: float = 1.0
+    temperature: float = 1.0
+    hidden_distill_weight: float = 0.0
+    keep_ratio_weight: float = 2.0
+    seed: int = 0
+    checkpoint_every: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v < math.inf
+
+        rules = [
+            (("epochs", "patience", "batch_size", "num_train_examples", "num_val_examples", "eval_batch_size"),
+             lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+            (("seed", "checkpoint_every"), lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+            (("steps_per_epoch",), lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an int >= 1"),
+            (("learning_rate", "predictor_learning_rate", "temperature"), lambda v: number(v) and v > 0, "a number > 0"),
+            (("weight_decay", "distill_weight", "hidden_distill_weight", "keep_ratio_weight"),
+             lambda v: number(v) and v >= 0, "a number >= 0"),
+            (("max_grad_norm",), lambda v: v is None or (number(v) and v > 0), "None or a number > 0"),
+            (("warmup_fraction",), lambda v: number(v) and 0 <= v < 1, "in [0, 1)"),
+            (("mixed_precision",), lambda v: v in MIXED_PRECISION, f"one of {MIXED_PRECISION}"),
+            (("method",), lambda v: isinstance(v, str) and v != "", "a method name"),
+        ]
+        for names, ok, expected in rules:
+            for name in names:
+                value = getattr(self, name)
+                if isinstance(value, bool) or not ok(value):
+                    raise ValueError(f"FinetuneConfig.{name} must be {expected}, got {value!r}")
+        if not isinstance(self.distill, bool):
+            raise ValueError(f"FinetuneConfig.distill must be a bool, got {self.distill!r}")
+
+    @property
+    def method_name(self) -> str | None:
+        """The registered method, None for the dense model."""
+        return None if self.method in DENSE else self.method
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["method_config"] = config_to_dict(self.method_config) if self.method_config is not None else None
+        return values
+
+
+def config_to_dict(config: Any) -> Any:
+    """A method config as plain JSON values (dataclass fields; tuples become lists)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return json.loads(json.dumps(dataclasses.asdict(config)))
+    return config
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did: best epoch (0-based), its val accuracy, the per-epoch history."""
+
+    output_dir: Path
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    stopped_early: bool
+    initial_val_accuracy: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# -- what a task must provide for training ---------------------------------------------------------
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data seed of one epoch, derived from the run seed (independent streams per epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class _DatasetBatches(Sequence):
+    """Shuffled, equal-sized batches of a dataset with ``collate(indices)``, collated on access."""
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.order = np.random.default_rng(seed).permutation(len(dataset))
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.dataset.collate(self.order[index * self.batch_size:(index + 1) * self.batch_size].tolist())
+
+
+def train_batches_of(task: Any, batch_size: int, seed: int, num_examples: int = 2048) -> Sequence[Batch]:
+    """The train batches of one epoch: ``task.train_batches`` or, for tasks with ``dataset(split, n)``
+    (the built-in task), ``num_examples`` shuffled by ``seed`` in full batches.
+
+    Raises:
+        ValueError: the task offers neither.
+    """
+    if hasattr(task, "train_batches"):
+        batches = task.train_batches(batch_size, seed)
+        return batches if isinstance(batches, Sequence) else list(batches)
+    if hasattr(task, "dataset"):
+        return _DatasetBatches(task.dataset("train", num_examples), batch_size, seed)
+    raise ValueError(f"task {getattr(task, 'name', task)!r} cannot be trained: it has no "
+                     "train_batches(batch_size, seed) method")
+
+
+class _Reiterable:
+    def __init__(self, make: Callable[[], Iterator[Batch]]):
+        self.make = make
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.make()
+
+
+def val_batches_of(task: Any, batch_size: int, num_examples: int) -> Iterable[Batch]:
+    """Val batches of about ``num_examples`` examples; the built-in task's are collated lazily."""
+    if hasattr(task, "dataset"):
+        data = task.dataset("val", num_examples)
+        return _Reiterable(lambda: data.batches(batch_size))
+    return list(task.batches("val", batch_size))[: math.ceil(num_examples / batch_size)]
+
+
+def task_loss(task: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``task.loss(logits, targets)`` if the task defines one, else cross-entropy over answer ids."""
+    if hasattr(task, "loss"):
+        return task.loss(logits, targets)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def hidden_distillation_loss(student_outputs: Any, teacher_outputs: Any) -> torch.Tensor:
+    """MSE between the first token of the student's and the teacher's final hidden states.
+
+    Shapes:
+        hidden_states[-1] (B, N_student, C) and (B, N_teacher, C) -> scalar
+    """
+    student, teacher = getattr(student_outputs, "hidden_states", None), getattr(teacher_outputs, "hidden_states", None)
+    if not student or not teacher:
+        raise ValueError("hidden_distill_weight > 0 needs a model whose outputs have hidden_states "
+                         "(output_hidden_states=True)")
+    return F.mse_loss(student[-1][:, 0].float(), teacher[-1][:, 0].detach().float())
+
+
+# -- the model being trained -----------------------------------------------------------------------
+class _Student(nn.Module):
+    """The plugged backbone and the method's parameters in one module, so that ``prepare`` (DDP)
+    moves and synchronises both; the forward is the backbone's."""
+
+    def __init__(self, backbone: nn.Module, predictors: nn.Module | None):
+        super().__init__()
+        self.backbone = backbone
+        self.predictors = predictors if predictors is not None else nn.ModuleDict()
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.backbone(**inputs)
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """One epoch's batches as a map-style dataset (item i = batch i); ``select_epoch`` reshuffles.
+
+    Not named ``set_epoch``: accelerate's loaders call that with their own iteration count, which
+    restarts at 0 in a resumed process.
+    """
+
+    def __init__(self, make: Callable[[int], Sequence[Batch]], seed: int, cap: int | None):
+        self.make, self.seed, self.cap = make, seed, cap
+        self.batches: Sequence[Batch] = ()
+
+    def select_epoch(self, epoch: int) -> None:
+        self.batches = self.make(epoch_seed(self.seed, epoch))
+        if len(self.batches) == 0:
+            raise ValueError("the task yielded no train batches")
+
+    def __len__(self) -> int:
+        return min(len(self.batches), self.cap or len(self.batches))
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.batches[index]
+
+
+def _single(items: list[Batch]) -> Batch:
+    return items[0]
+
+
+def _optimizer(backbone: nn.Module, predictors: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on the backbone's matrices only; predictors at their own learning rate."""
+    decay = [p for p in backbone.parameters() if p.ndim >= 2]
+    no_decay = [p for p in backbone.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if len(list(predictors.parameters())):
+        groups.append({"params": list(predictors.parameters()), "weight_decay": config.weight_decay,
+                       "lr": config.predictor_learning_rate})
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+              warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then linear decay to 0 (PuMer's schedule)."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as plain tensors and numbers (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
+             "python_version": version, "python_gauss": gauss,
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fresh_state() -> dict[str, Any]:
+    return {"epoch": 0, "batches_done": 0, "step": 0, "best_val_accuracy": None, "best_epoch": -1,
+            "bad_epochs": 0, "initial_val_accuracy": None, "history": [], "running": {}, "finished": False,
+            "stopped_early": False, "seconds": 0.0}
+
+
+def _read_trainer_state(output_dir: Path) -> dict[str, Any] | None:
+    path = output_dir / CHECKPOINT / "trainer_state.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class _Trainer:
+    """One finetuning run; holds the accelerator, the student, the teacher and the loop state."""
+
+    def __init__(self, task: Any, config: FinetuneConfig, output_dir: Path, device: str, progress: bool):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.task, self.config, self.output_dir, self.progress = task, config, output_dir, progress
+        self.accelerator = Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision=config.mixed_precision)
+        set_seed(config.seed)
+        model = task.load_model(torch.device("cpu"))
+        self.teacher = None
+        if config.distill:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False).to(self.accelerator.device)
+        self.handle: ReductionHandle | None = None
+        self.method_config = None
+        if config.method_name is not None:
+            spec = config.method_config if config.method_config is not None else task.default_config(config.method_name)
+            self.method_config = load_method_config(config.method_name, spec)
+            self.handle = apply(model, adapter=task.adapter, config=self.method_config, method=config.method_name)
+        self.backbone = model
+        try:
+            self.val = val_batches_of(task, config.eval_batch_size, config.num_val_examples)
+            self._build_method_parameters()
+            self._prepare()
+        except BaseException:
+            self.close()
+            raise
+        self.state = _fresh_state()
+
+    @property
+    def method(self) -> Any:
+        return None if self.handle is None else self.handle.method
+
+    def _build_method_parameters(self) -> None:
+        """One eval forward builds lazily created method parameters (DynamicViT's predictors)."""
+        if self.method is None or self.method.modules() is not None or not isinstance(self.method, DynamicViT):
+            return
+        inputs, _ = next(iter(self.val))
+        with torch.no_grad():
+            self.backbone.eval()
+            self.backbone(**inputs)
+
+    def _prepare(self) -> None:
+        config = self.config
+        predictors = self.method.modules() if self.method is not None else None
+        student = _Student(self.backbone, predictors)
+        optimizer = _optimizer(self.backbone, student.predictors, config)
+
+        def epoch_batches(seed: int) -> Sequence[Batch]:
+            return train_batches_of(self.task, config.batch_size, seed, config.num_train_examples)
+
+        self.data = _EpochBatches(epoch_batches, config.seed, config.steps_per_epoch)
+        self.data.select_epoch(0)
+        loader = torch.utils.data.DataLoader(self.data, batch_size=1, collate_fn=_single,
+                                             generator=torch.Generator().manual_seed(config.seed))
+        self.student, self.optimizer, self.loader = self.accelerator.prepare(student, optimizer, loader)
+        self.steps_per_epoch = len(self.loader)
+        self.scheduler = _schedule(self.optimizer, config.epochs * self.steps_per_epoch, config.warmup_fraction)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def losses(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted loss terms of one batch (keys: task, distill, hidden, keep_ratio)."""
+        config, extra = self.config, {}
+        if config.hidden_distill_weight > 0:
+            extra["output_hidden_states"] = True
+        with self.accelerator.autocast():
+            outputs = self.student(**inputs, **extra)
+            terms = {"task": task_loss(self.task, outputs.logits, targets)}
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_outputs = self.teacher(**inputs, **extra)
+                kl = distillation_loss(outputs.logits, teacher_outputs.logits, config.temperature)
+                terms["distill"] = config.distill_weight * kl
+                if config.hidden_distill_weight > 0:
+                    terms["hidden"] = config.hidden_distill_weight * hidden_distillation_loss(outputs, teacher_outputs)
+            if isinstance(self.method, DynamicViT) and self.method.decisions:
+                terms["keep_ratio"] = config.keep_ratio_weight * keep_ratio_loss(self.method)
+        return terms
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        self.student.train()
+        terms = self.losses(*batch)
+        loss = sum(terms.values())
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+    def evaluate(self) -> float:
+        """Val accuracy with the method attached (eval mode); every process takes the main process's value."""
+        device = self.accelerator.device
+        batches = _Reiterable(lambda: ((_to(x, device), y.to(device)) for x, y in self.val))
+        accuracy = float(self.task.accuracy(self.accelerator.unwrap_model(self.student).backbone, batches))
+        if self.accelerator.num_processes > 1:  # GPU kernels may differ in the last bit; decide together
+            from accelerate.utils import broadcast_object_list
+
+            accuracy = broadcast_object_list([accuracy])[0]
+        return accuracy
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> FinetuneResult:
+        state, config = self.state, self.config
+        started = time.perf_counter() - state["seconds"]
+        if state["step"] == 0 and state["initial_val_accuracy"] is None:
+            state["initial_val_accuracy"] = self.evaluate()  # plug-and-play accuracy before training
+        while state["epoch"] < config.epochs and not state["stopped_early"]:
+            self.train_epoch()
+            state["seconds"] = time.perf_counter() - started
+            self.end_epoch()
+        state.update(finished=True, seconds=time.perf_counter() - started)
+        self.save_checkpoint()
+        self.write_summary()
+        return _result(self.output_dir, state)
+
+    def train_epoch(self) -> None:
+        state, config = self.state, self.config
+        loader = self.loader
+        if state["batches_done"]:
+            loader = self.accelerator.skip_first_batches(self.loader, state["batches_done"])
+        bar = tqdm(loader, total=self.steps_per_epoch, initial=state["batches_done"], unit="step",
+                   desc=f"finetune {config.method} epoch {state['epoch'] + 1}/{config.epochs}",
+                   disable=not (self.progress and self.accelerator.is_main_process))
+        for batch in bar:
+            values = self.train_step(batch)
+            running = state["running"]
+            for key, value in values.items():
+                running[key] = running.get(key, 0.0) + value
+            running["count"] = running.get("count", 0) + 1
+            state["step"] += 1
+            state["batches_done"] += 1
+            bar.set_postfix(loss=f"{running['loss'] / running['count']:.4f}")
+            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                self.save_checkpoint()
+
+    def end_epoch(self) -> None:
+        """Evaluates on val, keeps the best weights, counts patience, checkpoints."""
+        state, config = self.state, self.config
+        val_accuracy = self.evaluate()
+        running = dict(state["running"])
+        count = max(running.pop("count", 1), 1)
+        improved = state["best_val_accuracy"] is None or val_accuracy > state["best_val_accuracy"]
+        if improved:
+            state.update(best_val_accuracy=val_accuracy, best_epoch=state["epoch"], bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["history"].append({
+            "epoch": state["epoch"], "step": state["step"], "val_accuracy": val_accuracy, "improved": improved,
+            "best_val_accuracy": state["best_val_accuracy"], "learning_rate": self.scheduler.get_last_lr()[0],
+            **{f"train_{key}": value / count for key, value in running.items()}, "seconds": state["seconds"],
+        })
+        state.update(epoch=state["epoch"] + 1, batches_done=0, running={})
+        state["stopped_early"] = state["bad_epochs"] >= config.patience and state["epoch"] < config.epochs
+        if improved:
+            self.save_best()
+        self.write_metrics()
+        if state["epoch"] < config.epochs and not state["stopped_early"]:
+            self.data.select_epoch(state["epoch"])
+        self.save_checkpoint()
+
+    # -- files -------------------------------------------------------------------------------------
+    def _main_only(self) -> bool:
+        self.accelerator.wait_for_everyone()
+        return self.accelerator.is_main_process
+
+    def save_checkpoint(self) -> None:
+        """Writes ``checkpoint/`` beside the old one, then swaps them (an interrupted save keeps the old)."""
+        from safetensors.torch import save_model
+
+        final, staging = self.output_dir / CHECKPOINT, self.output_dir / f"{CHECKPOINT}.tmp"
+        if self._main_only():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        torch.save(_rng_state(), staging / f"rng_{self.accelerator.process_index}.pt")
+        if self._main_only():
+            save_model(self.accelerator.unwrap_model(self.student), str(staging / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
+            state = {**self.state, "config": self.config.to_dict()}
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            old = self.output_dir / f"{CHECKPOINT}.old"
+            if final.exists():
+                final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self) -> None:
+        from safetensors.torch import load_model
+
+        folder, device = self.output_dir / CHECKPOINT, self.accelerator.device
+        load_model(self.accelerator.unwrap_model(self.student), str(folder / "model.safetensors"), device=str(device))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        state = json.loads((folder / "trainer_state.json").read_text())
+        state.pop("config", None)
+        self.state = state
+        if state["epoch"] < self.config.epochs:
+            self.data.select_epoch(state["epoch"])
+        _set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=True))
+
+    def save_best(self) -> None:
+        """The best epoch so far: backbone weights, DynamicViT predictors, method.json, finetune.json."""
+        if not self._main_only():
+            return
+        from safetensors.torch import save_model
+
+        backbone = self.accelerator.unwrap_model(self.student).backbone
+        if hasattr(backbone, "save_pretrained"):
+            backbone.save_pretrained(self.output_dir, safe_serialization=True)
+        else:
+            save_model(backbone, str(self.output_dir / "model.safetensors"))
+        predictors = None
+        if self.method is not None and self.method.modules() is not None:
+            predictors = PREDICTORS
+            self.method.save_predictors(str(self.output_dir / predictors))
+        method = {"method": self.config.method_name or "dense", "config": config_to_dict(self.method_config),
+                  "adapter": self.task.adapter, "predictors": predictors}
+        (self.output_dir / "method.json").write_text(json.dumps(method, indent=2))
+        self.write_summary()
+
+    def write_metrics(self) -> None:
+        if self._main_only():
+            text = "".join(json.dumps(record) + "\n" for record in self.state["history"])
+            (self.output_dir / "metrics.jsonl").write_text(text)
+
+    def write_summary(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        keys = ("best_val_accuracy", "best_epoch", "initial_val_accuracy", "step", "stopped_early", "finished", "seconds")
+        summary = {"task": getattr(self.task, "name", None), "adapter": self.task.adapter,
+                   "model_class": type(self.backbone).__name__, "model_module": type(self.backbone).__module__,
+                   "epochs_run": len(self.state["history"]), **{k: self.state[k] for k in keys},
+                   "num_processes": self.accelerator.num_processes, "device": str(self.accelerator.device),
+                   "torch_version": torch.__version__, "config": self.config.to_dict()}
+        (self.output_dir / "finetune.json").write_text(json.dumps(summary, indent=2))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+
+def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def _result(output_dir: Path, state: dict[str, Any]) -> FinetuneResult:
+    return FinetuneResult(output_dir=output_dir, best_val_accuracy=state["best_val_accuracy"],
+                          best_epoch=state["best_epoch"], epochs_run=len(state["history"]), steps=state["step"],
+                          stopped_early=state["stopped_early"], initial_val_accuracy=state["initial_val_accuracy"],
+                          history=state["history"], seconds=state["seconds"])
+
+
+# -- entry points ------------------------------------------------------------------------------------
+def finetune(task: Any, config: FinetuneConfig | None = None, output_dir: str | Path = "results/finetune", *,
+             resume: bool = False, device: str = "cpu", progress: bool = True) -> FinetuneResult:
+    """Finetunes ``task``'s model with ``config.method`` attached and writes ``output_dir``.
+
+    Args:
+        task: an ``EvalTask`` that can be trained (see :func:`train_batches_of`).
+        config: the run's settings (default :class:`FinetuneConfig`).
+        output_dir: where the weights, metrics and checkpoint go.
+        resume: continue from ``output_dir/checkpoint`` if there is one (a finished run returns at once).
+        device: "cpu" or "cuda"; under ``accelerate launch`` each process takes its own GPU.
+
+    Raises:
+        ValueError: a checkpoint exists and ``resume`` is False, the checkpoint was made with other
+            settings, an unknown method or a bad method config, or a task that cannot be trained.
+    """
+    config = config or FinetuneConfig()
+    output_dir = Path(output_dir)
+    if config.method_name is not None:
+        spec = config.method_config if config.method_config is not None else task.default_config(config.method_name)
+        config = dataclasses.replace(config, method_config=load_method_config(config.method_name, spec))
+    previous = _read_trainer_state(output_dir)
+    if previous is not None:
+        if not resume:
+            raise ValueError(f"{output_dir} already holds a finetuning checkpoint; pass --resume to continue it "
+                             "or choose another --output")
+        _check_same_settings(previous.get("config", {}), config.to_dict(), output_dir)
+        if previous["finished"]:
+            return _result(output_dir, previous)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(task, config, output_dir, device, progress)
+    try:
+        if previous is not None:
+            trainer.load_checkpoint()
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], output_dir: Path) -> None:
+    ignored = {"checkpoint_every"}
+    differ = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
+    if differ:
+        raise ValueError(f"the checkpoint in {output_dir} was made with other settings ({', '.join(differ)}); "
+                         "resume with the same options or choose another --output")
+
+
+def _read_method(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "method.json").read_text())
+    except OSError:
+        raise ValueError(f"{path} holds no finetuned model (no method.json)") from None
+
+
+def load_finetuned(path: str | Path, model: nn.Module | None = None, device: str = "cpu") -> tuple[nn.Module, str, Any]:
+    """Returns ``(model, method, config)`` of a :func:`finetune` output directory.
+
+    ``method`` is the registered method name or "dense" (then ``config`` is None). The model comes
+    back unplugged, in eval mode; :func:`attach_finetuned` attaches the method with its trained
+    parameters (DynamicViT's predictors).
+
+    Args:
+        model: a model to load the weights into; needed unless the model is a transformers class.
+
+    Raises:
+        ValueError: ``path`` is not a finetune output, or holds a model that is not a transformers
+            class and no ``model`` was given.
+    """
+    path = Path(path)
+    spec = _read_method(path)
+    if model is None:
+        import transformers
+
+        name = json.loads((path / "finetune.json").read_text())["model_class"]
+        model_cls = getattr(transformers, name, None)
+        if model_cls is None:
+            raise ValueError(f"{path} holds a {name}, not a transformers class; pass model= to load the weights into")
+        model = model_cls.from_pretrained(path)
+    else:
+        from safetensors.torch import load_model
+
+        load_model(model, str(path / "model.safetensors"))
+    config = None if spec["method"] == "dense" else load_method_config(spec["method"], spec["config"])
+    return model.to(device).eval(), spec["method"], config
+
+
+def attach_finetuned(model: nn.Module, path: str | Path, adapter: str | None = None) -> Any:
+    """Attaches the method saved in ``path`` to ``model`` with its trained parameters.
+
+    Returns:
+        The :class:`~pumer_plug.handle.ReductionHandle`, or a no-op context manager for a dense run.
+    """
+    path = Path(path)
+    spec = _read_method(path)
+    if spec["method"] == "dense":
+        return contextlib.nullcontext()
+    config = load_method_config(spec["method"], spec["config"])
+    handle = apply(model, adapter=adapter or spec["adapter"], config=config, method=spec["method"])
+    if spec.get("predictors"):
+        handle.method.load_predictors(str(path / spec["predictors"]))
+        first = next(model.parameters(), None)
+        if first is not None:
+            handle.method.modules().to(device=first.device, dtype=first.dtype)
+    return handle

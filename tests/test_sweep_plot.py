@@ -1,0 +1,139 @@
+"""Sweeps (resume, failing points, grid errors), the Pareto front and plots, and the new CLI commands."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pumer_plug.cli import main
+from pumer_plug.evaluation.plot import pareto_front, plot_results
+from pumer_plug.evaluation.sweep import PRESETS, load_grid, parse_grid, read_records, run_sweep
+from tests.test_finetune import TinyTask
+
+FAST = dict(batch_size=8, rounds=1, timing_batches=1, progress=False)
+
+
+def pumer_grid(*prune_ratios: float, layers=(0, 1)) -> list:
+    block = {"method": "pumer", "base": {"reduction_layers": list(layers), "image_merge_ratio": 0.2},
+             "vary": {"prune_ratio": list(prune_ratios)}}
+    return parse_grid({"points": [block]}, "test grid").points
+
+
+def test_rerunning_skips_finished_points_and_measures_only_new_ones(tmp_path):
+    results = tmp_path / "results.jsonl"
+    first = run_sweep(TinyTask(), pumer_grid(0.1, 0.3), results, **FAST)
+    assert [r["key"] for r in first][0] == "dense" and all(r["status"] == "ok" for r in first) and len(first) == 3
+    point = first[1]
+    assert point["config"]["prune_ratio"] == 0.1 and point["throughput_increase"] > 0 and 0 <= point["accuracy"] <= 1
+    assert point["peak_memory_mib"] > 0 and point["gflops_per_example"] < first[0]["gflops_per_example"]
+    assert run_sweep(TinyTask(), pumer_grid(0.1, 0.3), results, **FAST) == []
+    again = run_sweep(TinyTask(), pumer_grid(0.3, 0.1, 0.2), results, **FAST)
+    assert [r.get("config", {}) and r["config"]["prune_ratio"] for r in again[1:]] == [0.2]
+    assert len(read_records(results)) == 5
+
+
+def test_a_failing_point_records_its_error_and_the_sweep_goes_on(tmp_path):
+    points = pumer_grid(0.1, layers=(5,)) + pumer_grid(0.1)  # layer 5 is beyond the tiny model's 2 layers
+    records = run_sweep(TinyTask(), points, tmp_path / "results.jsonl", **FAST)
+    failed, ok = records[1], records[2]
+    assert failed["status"] == "error" and "ValueError" in failed["error"] and "beyond" in failed["error"]
+    assert ok["status"] == "ok" and ok["accuracy"] is not None
+    retried = run_sweep(TinyTask(), points, tmp_path / "results.jsonl", **FAST)  # failed points are retried
+    assert [r["status"] for r in retried] == ["ok", "error"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("points:\n  - method: nosuch\n", "points[0]: unknown method 'nosuch'"),
+    ("points:\n  - method: pumer\n    vary: {prune_ratio: 0.1}\n", "points[0]: 'vary' must map"),
+    ("points:\n  - method: pumer\n    vary: {prune_ration: [0.1]}\n", "points[0]: pumer config: unknown PumerConfig field(s) ['prune_ration']"),
+    ("points:\n  - method: pumer\n    base: {prune_ratio: 1.5}\n", "points[0]: PumerConfig.prune_ratio must be in [0, 1)"),
+    ("points:\n  - method: pumer\n    finetune: {epochs: 0}\n", "points[0]: FinetuneConfig.epochs must be an int >= 1"),
+    ("points: [\n", "cannot parse config file"),
+    ("name: x\n", "expected a mapping with a non-empty 'points' list"),
+])
+def test_grid_file_errors_are_one_clear_line(tmp_path, capsys, text, expected):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_grid(str(path))
+    assert expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+    assert main(["sweep", "--grid", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pumer-plug: error: ") and expected in err
+
+
+def test_presets_expand_to_the_papers_studies():
+    grids = {name: load_grid(name) for name in PRESETS}
+    table3 = grids["table3"].points
+    assert [p.label for p in table3][1:] == ["w/o text-informed image pruning", "w/o modality-aware merging", "w/o distillation"]
+    assert table3[1].config.prune_ratio == 0 and table3[2].config.text_merge_ratio == 0
+    assert table3[3].key() == table3[0].key() and table3[3].key(finetune=_ft()) != table3[0].key(finetune=_ft())
+    assert {p.method for p in grids["figure5"].points} == {"pumer", "tome", "dynamicvit"}
+    assert [p.config.reduction_layers for p in grids["table4"].points][-1] == (1, 2, 3, 4)
+    assert all(max(p.config.reduction_layers, default=0) < 6 for g in grids.values() for p in g.points if hasattr(p.config, "reduction_layers") and p.config.reduction_layers)
+
+
+def _ft():
+    from pumer_plug.evaluation.finetune import FinetuneConfig
+
+    return FinetuneConfig(epochs=1)
+
+
+def test_pareto_front_of_a_hand_example():
+    points = [(1.0, 80.0), (1.5, 79.0), (1.4, 78.0), (2.0, 70.0), (1.8, 70.0), (2.0, 65.0), (1.5, 79.0)]
+    assert pareto_front(points) == [0, 1, 3]
+    assert pareto_front([]) == []
+
+
+def _record(key, method, label, accuracy, increase, **extra):
+    return {"key": key, "status": "ok", "method": method, "label": label, "labels": [label], "series": method,
+            "accuracy": accuracy, "throughput_increase": increase, "memory_reduction": increase * 0.9,
+            "gflops_per_example": 1.0 / increase, "task": "tiny", "rounds": 1, "mode": "plug", **extra}
+
+
+def test_plot_writes_the_figure_and_both_tables(tmp_path):
+    pumer = {"reduction_layers": [1, 2], "prune_ratio": 0.1, "image_merge_ratio": 0.3, "text_merge_ratio": 0.2}
+    records = [_record("dense", "dense", "dense", 0.80, 1.0),
+               _record("p1", "pumer", "PuMer", 0.79, 1.7, config=pumer, group="ratios"),
+               _record("p2", "pumer", "PuMer k=0.3", 0.75, 2.1, config={**pumer, "prune_ratio": 0.3}, group="ratios"),
+               _record("t1", "tome", "ToMe r=8", 0.70, 1.5, config={"r": 8}),
+               {"key": "t2", "status": "error", "method": "tome", "label": "broken", "error": "ValueError: x"}]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = plot_results(results)
+    assert {"png", "svg", "table3", "table4"} <= set(paths)
+    assert paths["png"].stat().st_size > 10_000 and paths["svg"].read_text().startswith("<?xml")
+    table3 = paths["table3"].read_text()
+    assert "| PuMer " in table3 and "79.00 (-1.00)" in table3 and "broken" not in table3
+    table4 = paths["table4"].read_text()
+    assert "Reduction Layers" in table4 and "| ratios " in table4 and "ToMe" not in table4
+
+
+@pytest.mark.parametrize("command", ["finetune", "sweep", "plot"])
+def test_help_of_each_new_command(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0 and f"usage: pumer-plug {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["finetune", "--method", "nosuch"], "unknown method(s) ['nosuch']"),
+    (["finetune", "--method", "none", "--config", "vilt-vqa"], "--config needs a reduction --method"),
+    (["sweep", "--grid", "nosuch"], "'nosuch' is neither a sweep preset"),
+    (["plot", "missing.jsonl"], "no results file missing.jsonl"),
+])
+def test_bad_values_exit_2_with_one_line(argv, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+@pytest.mark.parametrize("argv, option", [(["finetune", "--epochs", "0"], "--epochs"),
+                                          (["sweep", "--grid", "table3", "--rounds", "x"], "--rounds"),
+                                          (["plot", "r.jsonl", "--annotate", "maybe"], "--annotate")])
+def test_bad_options_exit_2_naming_the_option(argv, option, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and lines[-1].startswith(f"pumer-plug {argv[0]}: error: argument {option}")

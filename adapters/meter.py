@@ -42,17 +42,15 @@ Every rewritten call gets masks whose length equals that of the tensors they cov
 Differences from the official code: PuMer feeds the image layer the text layer's *output* (new
 ``x``) in every block, which changes METER's data flow even without reduction; we keep METER's
 flow (old ``x``) and reduce it with the text plan. Token counts are the method's
-(``pumer_plug.pumer``: per-row real lengths, image merges ``round(r * |V_pruned|)``); PuMer's code
-merges ``round(r * |V|)`` of the pre-prune length and counts padded text.
+(``pumer_plug.pumer``: per-row real lengths, image merges ``round(r * |V|)`` of the pre-prune
+length as in PuMer's code); PuMer's code also counts padded text.
 
 FLOPs consequence: the vision and text encoders are not reduced (PuMer Table 7). In a reduction
 block the text layer runs self- and cross-attention on all tokens (its cross-attention keys and
 values over all image tokens) and its FFN on the reduced text; the image layer runs wholly on the
 reduced image tokens and attends to the reduced text. METER-B at 384 x 384 with 40 text tokens and
-``meter-vqa`` (blocks 0-3, k = r = t = 0.2): image tokens 577 -> 370 -> 237 -> 152 -> 98, text
-40 -> 32 -> 26 -> 21 -> 17, 93.1 -> 67.1 GMACs per example (1.39x; FlopCounterMode, the vision
-encoder alone is about 50). With PuMer's code's merge counts (577 -> 347 -> 209 -> 125 -> 75) the
-same placement gives 93.1 -> 65.6 GMACs (1.42x), the paper's 92 -> 64.7 (Table 7).
+``meter-vqa`` (blocks 0-3, k = r = t = 0.2): 186.3 -> 131.1 GFLOPs per example, i.e. 93.1 -> 65.6
+GMACs (1.42x; FlopCounterMode), the paper's 92 -> 64.7 (Table 7); see docs/benchmarks.md.
 """
 from __future__ import annotations
 

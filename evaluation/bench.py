@@ -139,3 +139,25 @@ def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -
     }
     desc = f"METER-CLIP16-RoBERTa base (default MeterConfig), batch {batch_size}, {text_len} text tokens, {image_size}x{image_size} images"
     return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc)
+
+
+@register_bench_model("bridgetower-base")
+def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
+    """``BridgeTowerModel`` from the default ``BridgeTowerConfig`` (random init) at its image size;
+    PuMer with the METER VQAv2 ratios on cross-modal layers 0-3 (k = r = t = 0.2)."""
+    from transformers import BridgeTowerConfig, BridgeTowerModel
+
+    from pumer_plug.config import PumerConfig
+
+    torch.manual_seed(0)
+    config = BridgeTowerConfig()
+    model = BridgeTowerModel(config).eval()
+    size = config.vision_config.image_size
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (batch_size, text_len), generator=g),
+        "attention_mask": torch.ones(batch_size, text_len, dtype=torch.long),
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
+    }
+    desc = f"BridgeTower base (default BridgeTowerConfig), batch {batch_size}, {text_len} text tokens, {size}x{size} images"
+    return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc)

@@ -202,7 +202,6 @@ def test_interrupted_training_leaves_no_cache(tiny_cache, monkeypatch):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_recipe_leaves_the_text_only_prior_quickly(seed):
     """The real recipe at a reduced size learns to look at the image within a short budget."""
-    torch.set_num_threads(2)
     steps, batch_size = 150, 32
     train = DigitsVQA("train", steps * batch_size, seed, question_types=("place",))
     val = DigitsVQA("val", 300, seed, question_types=("place",))

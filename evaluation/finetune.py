@@ -46,20 +46,15 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
-import math
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,166 +64,13 @@ from pumer_plug.baselines.dynamicvit import DynamicViT, distillation_loss, keep_
 from pumer_plug.configs import load_method_config
 from pumer_plug.handle import ReductionHandle, apply
 
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
-DENSE = ("none", "dense")
-CHECKPOINT = "checkpoint"
-PREDICTORS = "predictors.safetensors"
-MIXED_PRECISION = ("no", "fp16", "bf16")
+from .finetune_config import DENSE, MIXED_PRECISION, FinetuneConfig, FinetuneResult, config_to_dict
+from .finetune_data import Batch, EpochBatches, Reiterable, single_batch, train_batches_of, val_batches_of
+from .finetune_io import (CHECKPOINT, PREDICTORS, attach_finetuned, check_same_settings, load_finetuned,
+                          read_trainer_state, rng_state, set_rng_state)
 
-
-@dataclass
-class FinetuneConfig:
-    """Settings of one finetuning run (defaults: the PuMer recipe scaled to a CPU).
-
-    Attributes:
-        method: registered method name, or "none"/"dense" to finetune the dense model.
-        method_config: config object, preset name, JSON/YAML path or mapping; None takes the
-            task's ``default_config(method)``.
-        epochs: maximum epochs (PuMer: 20).
-        patience: stop after this many epochs without a better val accuracy (PuMer: 5).
-        batch_size: training examples per step and process.
-        steps_per_epoch: cap on the steps of an epoch (None: the whole train split).
-        num_train_examples: train split size (tasks without ``train_batches`` only).
-        num_val_examples: val examples used for early stopping.
-        distill: distil from the frozen dense model; ``distill_weight`` scales the KL term,
-            ``temperature`` softens both logits; ``hidden_distill_weight`` scales the hidden term.
-        keep_ratio_weight: weight of DynamicViT's keep-ratio loss.
-        checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
-    """
-
-    method: str = "pumer"
-    method_config: Any = None
-    epochs: int = 4
-    patience: int = 2
-    batch_size: int = 32
-    steps_per_epoch: int | None = None
-    num_train_examples: int = 2048
-    num_val_examples: int = 500
-    eval_batch_size: int = 64
-    learning_rate: float = 1e-4
-    predictor_learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    max_grad_norm: float | None = 1.0
-    distill: bool = True
-    distill_weight: float = 1.0
-    temperature: float = 1.0
-    hidden_distill_weight: float = 0.0
-    keep_ratio_weight: float = 2.0
-    seed: int = 0
-    checkpoint_every: int = 0
-    mixed_precision: str = "no"
-
-    def __post_init__(self) -> None:
-        def number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and v < math.inf
-
-        rules = [
-            (("epochs", "patience", "batch_size", "num_train_examples", "num_val_examples", "eval_batch_size"),
-             lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
-            (("seed", "checkpoint_every"), lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
-            (("steps_per_epoch",), lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an int >= 1"),
-            (("learning_rate", "predictor_learning_rate", "temperature"), lambda v: number(v) and v > 0, "a number > 0"),
-            (("weight_decay", "distill_weight", "hidden_distill_weight", "keep_ratio_weight"),
-             lambda v: number(v) and v >= 0, "a number >= 0"),
-            (("max_grad_norm",), lambda v: v is None or (number(v) and v > 0), "None or a number > 0"),
-            (("warmup_fraction",), lambda v: number(v) and 0 <= v < 1, "in [0, 1)"),
-            (("mixed_precision",), lambda v: v in MIXED_PRECISION, f"one of {MIXED_PRECISION}"),
-            (("method",), lambda v: isinstance(v, str) and v != "", "a method name"),
-        ]
-        for names, ok, expected in rules:
-            for name in names:
-                value = getattr(self, name)
-                if isinstance(value, bool) or not ok(value):
-                    raise ValueError(f"FinetuneConfig.{name} must be {expected}, got {value!r}")
-        if not isinstance(self.distill, bool):
-            raise ValueError(f"FinetuneConfig.distill must be a bool, got {self.distill!r}")
-
-    @property
-    def method_name(self) -> str | None:
-        """The registered method, None for the dense model."""
-        return None if self.method in DENSE else self.method
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["method_config"] = config_to_dict(self.method_config) if self.method_config is not None else None
-        return values
-
-
-def config_to_dict(config: Any) -> Any:
-    """A method config as plain JSON values (dataclass fields; tuples become lists)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return json.loads(json.dumps(dataclasses.asdict(config)))
-    return config
-
-
-@dataclass
-class FinetuneResult:
-    """What :func:`finetune` did: best epoch (0-based), its val accuracy, the per-epoch history."""
-
-    output_dir: Path
-    best_val_accuracy: float
-    best_epoch: int
-    epochs_run: int
-    steps: int
-    stopped_early: bool
-    initial_val_accuracy: float | None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-# -- what a task must provide for training ---------------------------------------------------------
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The data seed of one epoch, derived from the run seed (independent streams per epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-class _DatasetBatches(Sequence):
-    """Shuffled, equal-sized batches of a dataset with ``collate(indices)``, collated on access."""
-
-    def __init__(self, dataset: Any, batch_size: int, seed: int):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.order = np.random.default_rng(seed).permutation(len(dataset))
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size
-
-    def __getitem__(self, index: int) -> Batch:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.dataset.collate(self.order[index * self.batch_size:(index + 1) * self.batch_size].tolist())
-
-
-def train_batches_of(task: Any, batch_size: int, seed: int, num_examples: int = 2048) -> Sequence[Batch]:
-    """The train batches of one epoch: ``task.train_batches`` or, for tasks with ``dataset(split, n)``
-    (the built-in task), ``num_examples`` shuffled by ``seed`` in full batches.
-
-    Raises:
-        ValueError: the task offers neither.
-    """
-    if hasattr(task, "train_batches"):
-        batches = task.train_batches(batch_size, seed)
-        return batches if isinstance(batches, Sequence) else list(batches)
-    if hasattr(task, "dataset"):
-        return _DatasetBatches(task.dataset("train", num_examples), batch_size, seed)
-    raise ValueError(f"task {getattr(task, 'name', task)!r} cannot be trained: it has no "
-                     "train_batches(batch_size, seed) method")
-
-
-class _Reiterable:
-    def __init__(self, make: Callable[[], Iterator[Batch]]):
-        self.make = make
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.make()
-
-
-def val_batches_of(task: Any, batch_size: int, num_examples: int) -> Iterable[Batch]:
-    """Val batches of about ``num_examples`` examples; the built-in task's are collated lazily."""
-    if hasattr(task, "dataset"):
-        data = task.dataset("val", num_examples)
-        return _Reiterable(lambda: data.batches(batch_size))
-    return list(task.batches("val", batch_size))[: math.ceil(num_examples / batch_size)]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "load_finetuned", "attach_finetuned", "config_to_dict",
+           "train_batches_of", "val_batches_of", "task_loss", "hidden_distillation_loss", "DENSE", "MIXED_PRECISION"]
 
 
 def task_loss(task: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -265,33 +107,6 @@ class _Student(nn.Module):
         return self.backbone(**inputs)
 
 
-class _EpochBatches(torch.utils.data.Dataset):
-    """One epoch's batches as a map-style dataset (item i = batch i); ``select_epoch`` reshuffles.
-
-    Not named ``set_epoch``: accelerate's loaders call that with their own iteration count, which
-    restarts at 0 in a resumed process.
-    """
-
-    def __init__(self, make: Callable[[int], Sequence[Batch]], seed: int, cap: int | None):
-        self.make, self.seed, self.cap = make, seed, cap
-        self.batches: Sequence[Batch] = ()
-
-    def select_epoch(self, epoch: int) -> None:
-        self.batches = self.make(epoch_seed(self.seed, epoch))
-        if len(self.batches) == 0:
-            raise ValueError("the task yielded no train batches")
-
-    def __len__(self) -> int:
-        return min(len(self.batches), self.cap or len(self.batches))
-
-    def __getitem__(self, index: int) -> Batch:
-        return self.batches[index]
-
-
-def _single(items: list[Batch]) -> Batch:
-    return items[0]
-
-
 def _optimizer(backbone: nn.Module, predictors: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on the backbone's matrices only; predictors at their own learning rate."""
     decay = [p for p in backbone.parameters() if p.ndim >= 2]
@@ -317,37 +132,10 @@ def _schedule(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states as plain tensors and numbers (loadable with ``weights_only=True``)."""
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": torch.tensor(internal, dtype=torch.int64),
-             "python_version": version, "python_gauss": gauss,
-             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
-             "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _fresh_state() -> dict[str, Any]:
     return {"epoch": 0, "batches_done": 0, "step": 0, "best_val_accuracy": None, "best_epoch": -1,
             "bad_epochs": 0, "initial_val_accuracy": None, "history": [], "running": {}, "finished": False,
             "stopped_early": False, "seconds": 0.0}
-
-
-def _read_trainer_state(output_dir: Path) -> dict[str, Any] | None:
-    path = output_dir / CHECKPOINT / "trainer_state.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 class _Trainer:
@@ -402,9 +190,9 @@ class _Trainer:
         def epoch_batches(seed: int) -> Sequence[Batch]:
             return train_batches_of(self.task, config.batch_size, seed, config.num_train_examples)
 
-        self.data = _EpochBatches(epoch_batches, config.seed, config.steps_per_epoch)
+        self.data = EpochBatches(epoch_batches, config.seed, config.steps_per_epoch)
         self.data.select_epoch(0)
-        loader = torch.utils.data.DataLoader(self.data, batch_size=1, collate_fn=_single,
+        loader = torch.utils.data.DataLoader(self.data, batch_size=1, collate_fn=single_batch,
                                              generator=torch.Generator().manual_seed(config.seed))
         self.student, self.optimizer, self.loader = self.accelerator.prepare(student, optimizer, loader)
         self.steps_per_epoch = len(self.loader)
@@ -445,7 +233,7 @@ class _Trainer:
     def evaluate(self) -> float:
         """Val accuracy with the method attached (eval mode); every process takes the main process's value."""
         device = self.accelerator.device
-        batches = _Reiterable(lambda: ((_to(x, device), y.to(device)) for x, y in self.val))
+        batches = Reiterable(lambda: ((_to(x, device), y.to(device)) for x, y in self.val))
         accuracy = float(self.task.accuracy(self.accelerator.unwrap_model(self.student).backbone, batches))
         if self.accelerator.num_processes > 1:  # GPU kernels may differ in the last bit; decide together
             from accelerate.utils import broadcast_object_list
@@ -527,7 +315,7 @@ class _Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        torch.save(_rng_state(), staging / f"rng_{self.accelerator.process_index}.pt")
+        torch.save(rng_state(), staging / f"rng_{self.accelerator.process_index}.pt")
         if self._main_only():
             save_model(self.accelerator.unwrap_model(self.student), str(staging / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
@@ -553,7 +341,7 @@ class _Trainer:
         self.state = state
         if state["epoch"] < self.config.epochs:
             self.data.select_epoch(state["epoch"])
-        _set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=True))
+        set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=True))
 
     def save_best(self) -> None:
         """The best epoch so far: backbone weights, DynamicViT predictors, method.json, finetune.json."""
@@ -629,12 +417,12 @@ def finetune(task: Any, config: FinetuneConfig | None = None, output_dir: str | 
     if config.method_name is not None:
         spec = config.method_config if config.method_config is not None else task.default_config(config.method_name)
         config = dataclasses.replace(config, method_config=load_method_config(config.method_name, spec))
-    previous = _read_trainer_state(output_dir)
+    previous = read_trainer_state(output_dir)
     if previous is not None:
         if not resume:
             raise ValueError(f"{output_dir} already holds a finetuning checkpoint; pass --resume to continue it "
                              "or choose another --output")
-        _check_same_settings(previous.get("config", {}), config.to_dict(), output_dir)
+        check_same_settings(previous.get("config", {}), config.to_dict(), output_dir)
         if previous["finished"]:
             return _result(output_dir, previous)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -645,70 +433,3 @@ def finetune(task: Any, config: FinetuneConfig | None = None, output_dir: str | 
         return trainer.run()
     finally:
         trainer.close()
-
-
-def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], output_dir: Path) -> None:
-    ignored = {"checkpoint_every"}
-    differ = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
-    if differ:
-        raise ValueError(f"the checkpoint in {output_dir} was made with other settings ({', '.join(differ)}); "
-                         "resume with the same options or choose another --output")
-
-
-def _read_method(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "method.json").read_text())
-    except OSError:
-        raise ValueError(f"{path} holds no finetuned model (no method.json)") from None
-
-
-def load_finetuned(path: str | Path, model: nn.Module | None = None, device: str = "cpu") -> tuple[nn.Module, str, Any]:
-    """Returns ``(model, method, config)`` of a :func:`finetune` output directory.
-
-    ``method`` is the registered method name or "dense" (then ``config`` is None). The model comes
-    back unplugged, in eval mode; :func:`attach_finetuned` attaches the method with its trained
-    parameters (DynamicViT's predictors).
-
-    Args:
-        model: a model to load the weights into; needed unless the model is a transformers class.
-
-    Raises:
-        ValueError: ``path`` is not a finetune output, or holds a model that is not a transformers
-            class and no ``model`` was given.
-    """
-    path = Path(path)
-    spec = _read_method(path)
-    if model is None:
-        import transformers
-
-        name = json.loads((path / "finetune.json").read_text())["model_class"]
-        model_cls = getattr(transformers, name, None)
-        if model_cls is None:
-            raise ValueError(f"{path} holds a {name}, not a transformers class; pass model= to load the weights into")
-        model = model_cls.from_pretrained(path)
-    else:
-        from safetensors.torch import load_model
-
-        load_model(model, str(path / "model.safetensors"))
-    config = None if spec["method"] == "dense" else load_method_config(spec["method"], spec["config"])
-    return model.to(device).eval(), spec["method"], config
-
-
-def attach_finetuned(model: nn.Module, path: str | Path, adapter: str | None = None) -> Any:
-    """Attaches the method saved in ``path`` to ``model`` with its trained parameters.
-
-    Returns:
-        The :class:`~pumer_plug.handle.ReductionHandle`, or a no-op context manager for a dense run.
-    """
-    path = Path(path)
-    spec = _read_method(path)
-    if spec["method"] == "dense":
-        return contextlib.nullcontext()
-    config = load_method_config(spec["method"], spec["config"])
-    handle = apply(model, adapter=adapter or spec["adapter"], config=config, method=spec["method"])
-    if spec.get("predictors"):
-        handle.method.load_predictors(str(path / spec["predictors"]))
-        first = next(model.parameters(), None)
-        if first is not None:
-            handle.method.modules().to(device=first.device, dtype=first.dtype)
-    return handle

@@ -2,16 +2,15 @@
 
 ``pumer-plug compare`` needs a real trained vision-language model without downloads. This module
 defines it (``builtin_vilt_config``), trains it on this machine's CPU in a few minutes
-(``train_builtin_model``), and keeps it in a cache that is validated before every use and written
-atomically (``load_builtin_model``).
+(``train_builtin_model``, recipe in :mod:`~pumer_plug.evaluation.builtin_training`), and keeps it
+in a cache that is validated before every use and written atomically (``load_builtin_model``).
 
-Recipe (measured on a 2-core CPU, see ``builtin.json`` in the cache for the figures of a run):
-``ViltForQuestionAnswering`` with 6 layers, C = 128, 4 heads, patch 16 on a 192 px one-channel
-canvas (144 image tokens + image CLS, <= 16 text tokens). Image position embeddings start from a
-2-D sine-cosine table (ViLT starts them at zero; from scratch that slows down learning *where*).
-Loss: softmax cross-entropy over the answer vocabulary (each question has exactly one correct
-answer, so VQAv2's soft-score BCE is not needed). AdamW, linear warm-up, cosine decay, gradient
-clipping at 1.0, a fresh training example for every step (no epochs).
+Model: ``ViltForQuestionAnswering`` with 6 layers, C = 128, 4 heads, patch 16 on a 192 px
+one-channel canvas (144 image tokens + image CLS, <= 16 text tokens). Image position embeddings
+start from a 2-D sine-cosine table (ViLT starts them at zero; from scratch that slows down learning
+*where*). Loss: softmax cross-entropy over the answer vocabulary (each question has exactly one
+correct answer, so VQAv2's soft-score BCE is not needed) plus the recipe's auxiliary heads, which
+are dropped: the saved model is a plain ``ViltForQuestionAnswering``.
 
 Example:
     >>> model, tokenizer = load_builtin_model()  # trains on first use, then loads from the cache
@@ -20,36 +19,32 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import ViltConfig, ViltForQuestionAnswering
 
-from .digits import (ANSWER_VOCAB, CANVAS_PX, EMPTY, GRID_CELLS, PATCH_PX, REGION_PATCHES, DigitsVQA, Example,
-                     build_tokenizer, load_tokenizer, majority_answer_accuracy, question_prior_accuracy,
-                     save_tokenizer)
+from .builtin_training import CURRICULUM, Stage, curriculum_datasets, fit
+from .digits import (ANSWER_VOCAB, CANVAS_PX, PATCH_PX, DigitsVQA, build_tokenizer, load_tokenizer,
+                     majority_answer_accuracy, question_prior_accuracy, save_tokenizer)
 
 BUILTIN_NAME = "builtin-digits-vqa"
 CACHE_ENV_VAR = "PUMER_PLUG_CACHE"
 METADATA_FILE = "builtin.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
-DEFAULT_STEPS = 700
+FORMAT_VERSION = 2  # 2: curriculum recipe
 DEFAULT_BATCH_SIZE = 64
 NUM_VAL_EXAMPLES = 1000
 NUM_TEST_EXAMPLES = 1000
@@ -115,157 +110,6 @@ def build_builtin_model(seed: int = 0, **config_kwargs) -> ViltForQuestionAnswer
     return model
 
 
-def _learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.05."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms, embeddings' position rows)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "position" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "position" not in n)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.98))
-
-
-class AuxiliaryHeads(nn.Module):
-    """Training-only heads that give dense targets, dropped after training.
-
-    ``layout`` names the digit (or "empty") in each of the 9 grid cells from the pooled output;
-    ``patch`` names the digit (or "background") under every final image token. Together they give
-    ~150 targets per example instead of one answer, which is what lets a from-scratch ViLT learn to
-    read the canvas within a CPU budget. The saved model is a plain ``ViltForQuestionAnswering``.
-
-    Shapes:
-        pooled (B, C) -> (B, 9, 11); image_tokens (B, V, C) -> (B, V, 11). Class 10 = nothing.
-    """
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.layout = nn.Linear(hidden_size, GRID_CELLS**2 * 11)
-        self.patch = nn.Linear(hidden_size, 11)
-
-
-def layout_targets(examples: list[Example]) -> torch.Tensor:
-    """Returns the digit class per grid cell, 10 for an empty cell.
-
-    Shapes:
-        returns (B, 9) int64.
-    """
-    labels = torch.tensor([e.cell_labels for e in examples], dtype=torch.long)  # (B, 9)
-    return torch.where(labels == EMPTY, torch.full_like(labels, 10), labels)
-
-
-def patch_targets(examples: list[Example]) -> torch.Tensor:
-    """Returns the digit class under every patch of the canvas, 10 for background.
-
-    Shapes:
-        returns (B, P, P) int64 with P = CANVAS_PX // PATCH_PX.
-    """
-    grid = CANVAS_PX // PATCH_PX
-    targets = torch.full((len(examples), grid, grid), 10, dtype=torch.long)
-    for b, e in enumerate(examples):
-        for cell, (label, (dy, dx)) in enumerate(zip(e.cell_labels, e.offsets)):
-            if label != EMPTY:
-                targets[b, (cell // GRID_CELLS) * REGION_PATCHES + dy, (cell % GRID_CELLS) * REGION_PATCHES + dx] = label
-    return targets
-
-
-@contextlib.contextmanager
-def _capture(model: ViltForQuestionAnswering) -> Iterator[dict[str, torch.Tensor]]:
-    """Records the pooled output, the final sequence and ViLT's image-token order during a forward.
-
-    ViLT's ``visual_embed`` shuffles image tokens (``torch.multinomial``) and returns their grid
-    positions, which ``ViltEmbeddings.forward`` drops; a wrapper set on the instance keeps them and
-    is deleted on exit, restoring the class method.
-    """
-    captured: dict[str, torch.Tensor] = {}
-    embeddings = model.vilt.embeddings
-    visual_embed = embeddings.visual_embed
-
-    def recording_visual_embed(*args, **kwargs):
-        x, x_mask, (patch_index, hw) = visual_embed(*args, **kwargs)
-        captured["patch_index"] = patch_index  # (B, V, 2): grid (row, col) of each image token
-        return x, x_mask, (patch_index, hw)
-
-    def keep(name: str, use_input: bool):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            captured[name] = args[0] if use_input else output  # returning None keeps the output
-        return hook
-
-    handles = [model.classifier.register_forward_hook(keep("pooled", True)),  # (B, C)
-               model.vilt.layernorm.register_forward_hook(keep("sequence", False))]  # (B, N, C)
-    embeddings.visual_embed = recording_visual_embed
-    try:
-        yield captured
-    finally:
-        del embeddings.visual_embed
-        for handle in handles:
-            handle.remove()
-
-
-def _step_losses(model: ViltForQuestionAnswering, heads: AuxiliaryHeads, inputs: dict,
-                 answer_ids: torch.Tensor, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Returns the answer, layout and patch cross-entropies of one batch."""
-    with _capture(model) as captured:
-        logits = model(**inputs).logits  # (B, answers)
-    num_text = inputs["input_ids"].shape[1]
-    image_tokens = captured["sequence"][:, num_text + 1:]  # (B, V, C), after the image CLS
-    rows, cols = captured["patch_index"].unbind(-1)  # (B, V) each
-    grid = patch_targets(examples)  # (B, P, P)
-    patch = grid[torch.arange(len(examples))[:, None], rows, cols]  # (B, V)
-    patch_ce = nn.functional.cross_entropy(heads.patch(image_tokens).flatten(0, 1), patch.flatten(),
-                                           reduction="none")
-    ink = patch.flatten() != 10
-    layout_logits = heads.layout(captured["pooled"]).view(len(examples), GRID_CELLS**2, 11)  # (B, 9, 11)
-    return {
-        "answer": nn.functional.cross_entropy(logits, answer_ids),
-        "layout": nn.functional.cross_entropy(layout_logits.flatten(0, 1), layout_targets(examples).flatten()),
-        "patch": patch_ce[ink].mean() + patch_ce[~ink].mean(),  # digits and background weigh the same
-    }
-
-
-def fit(model: ViltForQuestionAnswering, train: DigitsVQA, steps: int, batch_size: int,
-        learning_rate: float = 1e-3, warmup_fraction: float = 0.06, weight_decay: float = 0.01,
-        aux_weights: tuple[float, float] = (1.0, 1.0), progress: bool = True) -> list[dict[str, float]]:
-    """Trains ``model`` in place on ``steps`` consecutive batches of ``train``; returns per-step losses.
-
-    Loss: answer cross-entropy + ``aux_weights`` x (layout, patch) cross-entropies of
-    :class:`AuxiliaryHeads`.
-
-    Raises:
-        ValueError: if ``train`` holds fewer than ``steps * batch_size`` examples.
-    """
-    if len(train) < steps * batch_size:
-        raise ValueError(f"train has {len(train)} examples, need steps * batch_size = {steps * batch_size}")
-    heads = AuxiliaryHeads(model.config.hidden_size)
-    optimizer = _optimizer(nn.ModuleList([model, heads]), learning_rate, weight_decay)
-    warmup_steps = max(1, round(warmup_fraction * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _learning_rate_factor(s, steps, warmup_steps))
-    model.train()
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(steps), disable=not progress, desc="training built-in ViLT", unit="step")
-    for step in bar:
-        indices = list(range(step * batch_size, (step + 1) * batch_size))
-        inputs, answer_ids = train.collate(indices)
-        parts = _step_losses(model, heads, inputs, answer_ids, [train.examples[i] for i in indices])
-        loss = parts["answer"] + aux_weights[0] * parts["layout"] + aux_weights[1] * parts["patch"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        history.append({k: v.item() for k, v in parts.items()})
-        if step % 10 == 0:
-            bar.set_postfix({k: f"{np.mean([h[k] for h in history[-20:]]):.3f}" for k in parts})
-    model.eval()
-    return history
-
-
 def predict(model: nn.Module, dataset: DigitsVQA, batch_size: int = 64) -> torch.Tensor:
     """Returns the predicted answer id of every example, in eval mode under inference mode.
 
@@ -307,45 +151,49 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def train_builtin_model(output_dir: str | Path, seed: int = 0, steps: int = DEFAULT_STEPS,
+def train_builtin_model(output_dir: str | Path, seed: int = 0, curriculum: tuple[Stage, ...] = CURRICULUM,
                         batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
                         num_val_examples: int = NUM_VAL_EXAMPLES, learning_rate: float = 1e-3,
                         **config_kwargs) -> dict:
     """Trains the built-in model from scratch and saves it into ``output_dir``; returns its metadata.
 
     Writes ``config.json`` + ``model.safetensors`` (``save_pretrained``), ``tokenizer.json`` and
-    ``builtin.json`` (seed, steps, data sizes, val accuracy, baselines, timings, library versions,
-    weights checksum). ``output_dir`` is written in place; see :func:`load_builtin_model` for the
-    atomic cache.
+    ``builtin.json`` (seed, curriculum, data sizes, val accuracy overall and per question type,
+    baselines, timings, library versions, weights checksum). ``output_dir`` is written in place;
+    see :func:`load_builtin_model` for the atomic cache.
 
     Args:
         output_dir: directory to write (created if missing).
         seed: seed of the initialisation, training examples and ViLT's patch sampling.
-        steps: optimizer steps; every step sees ``batch_size`` fresh examples.
+        curriculum: the canvas curriculum (:data:`~pumer_plug.evaluation.builtin_training.CURRICULUM`);
+            every step sees ``batch_size`` fresh examples.
         batch_size: examples per step.
         progress: show a tqdm bar.
         num_val_examples: size of the val split used for the reported accuracy.
         learning_rate: peak AdamW learning rate.
         **config_kwargs: forwarded to :func:`builtin_vilt_config` (e.g. a tiny model for tests).
     """
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     model = build_builtin_model(seed, vocab_size=tokenizer.get_vocab_size(), **config_kwargs)
-    train = DigitsVQA("train", steps * batch_size, seed, tokenizer=tokenizer)
+    stages = curriculum_datasets(curriculum, batch_size, seed, tokenizer)
     val = DigitsVQA("val", num_val_examples, seed, tokenizer=tokenizer)
     start_s = time.perf_counter()
-    history = fit(model, train, steps, batch_size, learning_rate=learning_rate, progress=progress)
+    history = fit(model, stages, batch_size, learning_rate=learning_rate, progress=progress)
     train_seconds = time.perf_counter() - start_s
-    val_accuracy = evaluate_accuracy(model, val, batch_size=64)
+    train = stages[-1][0]  # the task's canvas; questions are drawn alike in every stage
     model.save_pretrained(output_dir, safe_serialization=True)
     save_tokenizer(tokenizer, output_dir)
     metadata = {
-        "format_version": FORMAT_VERSION, "name": BUILTIN_NAME, "seed": seed, "steps": steps,
-        "batch_size": batch_size, "learning_rate": learning_rate, "num_train_examples": len(train),
-        "num_val_examples": len(val), "num_train_digit_images": int(len(train.image_indices)),
-        "val_accuracy": val_accuracy, "val_majority_accuracy": majority_answer_accuracy(val, train),
+        "format_version": FORMAT_VERSION, "name": BUILTIN_NAME, "seed": seed,
+        "curriculum": [dataclasses.asdict(stage) for stage in curriculum], "steps": len(history),
+        "batch_size": batch_size, "learning_rate": learning_rate,
+        "num_train_examples": sum(len(data) for data, _ in stages), "num_val_examples": len(val),
+        "num_train_digit_images": int(len(train.image_indices)),
+        "val_accuracy": evaluate_accuracy(model, val, batch_size=64),
+        "val_accuracy_by_question_type": accuracy_by_question_type(model, val, batch_size=64),
+        "val_majority_accuracy": majority_answer_accuracy(val, train),
         "val_question_prior_accuracy": question_prior_accuracy(val, train),
         "final_train_losses": {k: float(np.mean([h[k] for h in history[-20:]])) for k in history[-1]},
         "train_seconds": train_seconds, "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -398,12 +246,12 @@ def _load_checked(model_dir: Path) -> tuple[ViltForQuestionAnswering, Tokenizer]
     return model.eval(), tokenizer
 
 
-def _train_into_cache(model_dir: Path, progress: bool) -> None:
+def _train_into_cache(model_dir: Path, progress: bool, seed: int = 0) -> None:
     """Trains into a temporary sibling directory, then swaps it in with renames (never half written)."""
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.tmp-", dir=model_dir.parent))
     try:
-        train_builtin_model(staging, seed=0, progress=progress)
+        train_builtin_model(staging, seed=seed, progress=progress)
         if model_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.old-", dir=model_dir.parent))
             os.replace(model_dir, trash / BUILTIN_NAME)
@@ -413,8 +261,8 @@ def _train_into_cache(model_dir: Path, progress: bool) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = False,
-                       progress: bool = True) -> tuple[ViltForQuestionAnswering, Tokenizer]:
+def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = False, progress: bool = True,
+                       seed: int = 0) -> tuple[ViltForQuestionAnswering, Tokenizer]:
     """Returns the built-in digits-VQA ViLT (eval mode) and its tokenizer, training it if needed.
 
     The cache is used only if it passes every check (metadata, weights checksum, config, tokenizer,
@@ -426,6 +274,7 @@ def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = Fals
         cache_dir: root of the pumer-plug cache; see :func:`builtin_model_dir`.
         retrain: train even if a valid cache exists.
         progress: show a progress bar while training.
+        seed: seed of a training run (initialisation and training data); the cache holds one model.
 
     Example:
         >>> model, tokenizer = load_builtin_model()
@@ -441,5 +290,5 @@ def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = Fals
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
             warnings.warn(f"pumer-plug: built-in model cache {model_dir} is unusable ({reason}); retraining",
                           stacklevel=2)
-    _train_into_cache(model_dir, progress)
+    _train_into_cache(model_dir, progress, seed)
     return _load_checked(model_dir)

@@ -9,7 +9,9 @@ Layout, chosen so that a from-scratch ViLT learns it on a CPU: every digit is up
 ``PATCH_PX x PATCH_PX`` (2x nearest neighbour) and placed exactly on one ViLT patch cell; a region
 is ``REGION_PATCHES x REGION_PATCHES`` patches and the digit sits on one of its central cells
 (patch-aligned jitter). The canvas has ``IMAGE_PATCHES`` = 144 patches against at most
-``MAX_QUESTION_TOKENS`` = 16 text tokens, so image tokens dominate as in real VQA.
+``MAX_QUESTION_TOKENS`` = 16 text tokens, so image tokens dominate as in real VQA. A training
+curriculum may draw smaller canvases (``region_patches`` < 4: 48 or 96 px, same grid and
+questions); the task itself (val, test, ``pumer-plug compare``) always uses the 192 px canvas.
 
 Splits: the 1797 digit images are first partitioned by ``image_seed`` into train/val/test
 (70/15/15 %), so val and test canvases only show digit scans the train split never saw; questions
@@ -69,6 +71,8 @@ class Example:
         question: lower-case English question, words separated by spaces.
         answer: one entry of ``ANSWER_VOCAB``.
         question_type: one of ``QUESTION_TYPES``.
+        region_patches: side of a grid region in patches; the canvas is ``3 * region_patches``
+            patches wide (``REGION_PATCHES`` = 4 for the task; smaller only in a training curriculum).
     """
 
     digit_indices: tuple[int, ...]
@@ -77,6 +81,18 @@ class Example:
     question: str
     answer: str
     question_type: str
+    region_patches: int = REGION_PATCHES
+
+    @property
+    def canvas_px(self) -> int:
+        """Side of the rendered canvas in pixels."""
+        return PATCH_PX * GRID_CELLS * self.region_patches
+
+    def digit_patches(self) -> list[tuple[int, int, int]]:
+        """Returns (patch row, patch column, digit label) of every placed digit."""
+        r = self.region_patches
+        return [((cell // GRID_CELLS) * r + dy, (cell % GRID_CELLS) * r + dx, label)
+                for cell, (label, (dy, dx)) in enumerate(zip(self.cell_labels, self.offsets)) if label != EMPTY]
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,7 +155,7 @@ def _ask(kind: str, labels: list[int], rng: np.random.Generator) -> tuple[str, s
 
 
 def make_example(rng: np.random.Generator, pool: np.ndarray, jitter: int = 2,
-                 question_types: tuple[str, ...] = QUESTION_TYPES) -> Example:
+                 question_types: tuple[str, ...] = QUESTION_TYPES, region_patches: int = REGION_PATCHES) -> Example:
     """Draws one layout from the digit scans in ``pool`` and one question about it.
 
     Args:
@@ -147,6 +163,7 @@ def make_example(rng: np.random.Generator, pool: np.ndarray, jitter: int = 2,
         pool: ``load_digits`` indices this example may show.
         jitter: how many patch offsets per axis a digit may take inside its region (1..4).
         question_types: the question types to draw from (``QUESTION_WEIGHTS`` renormalised).
+        region_patches: side of a grid region in patches (jitter is capped at it).
     """
     weights = np.array([QUESTION_WEIGHTS[QUESTION_TYPES.index(k)] for k in question_types])
     _, all_labels = digit_images()
@@ -154,31 +171,29 @@ def make_example(rng: np.random.Generator, pool: np.ndarray, jitter: int = 2,
     cells = set(rng.choice(GRID_CELLS**2, size=num_digits, replace=False).tolist())
     indices = [int(rng.choice(pool)) if c in cells else EMPTY for c in range(GRID_CELLS**2)]
     labels = [int(all_labels[i]) if i != EMPTY else EMPTY for i in indices]
-    low = (REGION_PATCHES - jitter) // 2
+    jitter = min(jitter, region_patches)
+    low = (region_patches - jitter) // 2
     offsets = tuple((low + int(rng.integers(jitter)), low + int(rng.integers(jitter))) for _ in indices)
     while True:
         kind = question_types[int(rng.choice(len(question_types), p=weights / weights.sum()))]
         asked = _ask(kind, labels, rng)
         if asked is not None:
-            return Example(tuple(indices), tuple(labels), offsets, asked[0], asked[1], kind)
+            return Example(tuple(indices), tuple(labels), offsets, asked[0], asked[1], kind, region_patches)
 
 
 def render(example: Example, noise_std: float = 0.0, noise_seed: int = 0) -> np.ndarray:
     """Draws the canvas of ``example``: background -1, ink up to +1 (ViLT-like [-1, 1] range).
 
     Shapes:
-        returns (CANVAS_PX, CANVAS_PX) float32.
+        returns (canvas_px, canvas_px) float32; canvas_px = CANVAS_PX for the task's examples.
     """
     images, _ = digit_images()
-    canvas = np.full((CANVAS_PX, CANVAS_PX), -1.0, dtype=np.float32)
+    canvas = np.full((example.canvas_px, example.canvas_px), -1.0, dtype=np.float32)
     scale = PATCH_PX // 8
-    for cell, (index, (dy, dx)) in enumerate(zip(example.digit_indices, example.offsets)):
-        if index == EMPTY:
-            continue
-        top = ((cell // GRID_CELLS) * REGION_PATCHES + dy) * PATCH_PX
-        left = ((cell % GRID_CELLS) * REGION_PATCHES + dx) * PATCH_PX
+    placed = [i for i in example.digit_indices if i != EMPTY]
+    for index, (row, col, _) in zip(placed, example.digit_patches()):
         glyph = np.kron(images[index], np.ones((scale, scale), dtype=np.float32))  # (16, 16)
-        canvas[top:top + PATCH_PX, left:left + PATCH_PX] = glyph / 8.0 - 1.0
+        canvas[row * PATCH_PX:(row + 1) * PATCH_PX, col * PATCH_PX:(col + 1) * PATCH_PX] = glyph / 8.0 - 1.0
     if noise_std > 0:
         canvas += np.random.default_rng(noise_seed).normal(0.0, noise_std, canvas.shape).astype(np.float32)
     return canvas
@@ -239,7 +254,7 @@ def collate(examples: list[Example], tokenizer: Tokenizer, noise_std: float = 0.
         "attention_mask": torch.tensor([enc.attention_mask for enc in encodings], dtype=torch.long),
         "token_type_ids": torch.tensor([enc.type_ids for enc in encodings], dtype=torch.long),
         "pixel_values": torch.from_numpy(pixels),
-        "pixel_mask": torch.ones(len(examples), CANVAS_PX, CANVAS_PX, dtype=torch.long),
+        "pixel_mask": torch.ones(pixels.shape[0], pixels.shape[2], pixels.shape[3], dtype=torch.long),
     }
     answer_ids = torch.tensor([ANSWER_TO_ID[e.answer] for e in examples], dtype=torch.long)
     return inputs, answer_ids
@@ -257,25 +272,29 @@ class DigitsVQA(torch.utils.data.Dataset):
         noise_std: standard deviation of Gaussian pixel noise on the [-1, 1] canvas.
         jitter: patch offsets per axis a digit may take inside its region (1..4).
         question_types: which of ``QUESTION_TYPES`` to ask (all by default).
+        region_patches: side of a grid region in patches; 4 (the task's 192 px canvas) unless a
+            training curriculum asks for a smaller canvas.
 
     Raises:
-        ValueError: on an unknown split or question type, a negative size or a jitter outside 1..4.
+        ValueError: on an unknown split or question type, a negative size, or a jitter or region size
+            outside 1..4.
     """
 
     answer_vocab = ANSWER_VOCAB
 
     def __init__(self, split: str, num_examples: int, seed: int = 0, *, image_seed: int = 0,
                  tokenizer: Tokenizer | None = None, noise_std: float = 0.05, jitter: int = 2,
-                 question_types: tuple[str, ...] = QUESTION_TYPES):
-        if num_examples < 0 or not 1 <= jitter <= REGION_PATCHES:
-            raise ValueError(f"need num_examples >= 0 and 1 <= jitter <= 4, got {num_examples}, {jitter}")
+                 question_types: tuple[str, ...] = QUESTION_TYPES, region_patches: int = REGION_PATCHES):
+        if num_examples < 0 or not 1 <= jitter <= REGION_PATCHES or not 1 <= region_patches <= REGION_PATCHES:
+            raise ValueError(f"need num_examples >= 0, 1 <= jitter <= {REGION_PATCHES} and 1 <= region_patches <= "
+                             f"{REGION_PATCHES}, got {num_examples}, {jitter}, {region_patches}")
         if not question_types or set(question_types) - set(QUESTION_TYPES):
             raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}")
         self.split, self.seed, self.noise_std = split, seed, noise_std
         self.image_indices = split_image_indices(split, image_seed)
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
         rng = np.random.default_rng([seed, SPLITS.index(split)])
-        self.examples = [make_example(rng, self.image_indices, jitter, tuple(question_types))
+        self.examples = [make_example(rng, self.image_indices, jitter, tuple(question_types), region_patches)
                          for _ in range(num_examples)]
         self._noise_base = int(rng.integers(2**31))
 

@@ -14,6 +14,16 @@ from typing import Any, Sequence
 import torch
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -137,11 +147,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.tasks import get_task
+    from tabulate import tabulate
 
-    task = get_task("builtin", cache_dir=args.cache_dir, retrain=True)
-    model = task.load_model(torch.device(args.device))
-    print(f"trained the built-in model: {sum(p.numel() for p in model.parameters()):,} parameters, cached in {task.cache_dir}")
+    from pumer_plug.evaluation import builtin
+
+    model, _ = builtin.load_builtin_model(args.cache_dir, retrain=True, seed=args.seed)
+    cache_dir = builtin.builtin_model_dir(args.cache_dir)
+    info = json.loads((cache_dir / builtin.METADATA_FILE).read_text())
+    print(f"trained the built-in model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"seed {info['seed']}, {info['steps']} steps in {info['train_seconds']:.0f} s, cached in {cache_dir}")
+    rows = [("all", info["val_accuracy"])] + sorted(info["val_accuracy_by_question_type"].items())
+    rows += [("majority answer", info["val_majority_accuracy"]), ("question-only prior", info["val_question_prior_accuracy"])]
+    print(tabulate([(name, f"{100 * acc:.1f}") for name, acc in rows], headers=["val questions", "accuracy %"]))
     return 0
 
 
@@ -291,8 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of initialisation and training data (default: 0)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
-    _add_common(p)
+    p.add_argument("--num-threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice); training runs on the CPU")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="finetune a model with a method attached (distillation, early stopping, resumable)",

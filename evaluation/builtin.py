@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -29,6 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -52,6 +54,20 @@ NUM_TEST_EXAMPLES = 1000
 _CHECKED_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                           "image_size", "patch_size", "num_channels", "vocab_size", "max_position_embeddings",
                           "id2label")  # id2label fixes the number of answers (to_dict has no num_labels in transformers 5)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hides transformers' per-file progress bars ("Loading weights") of our own small files."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def builtin_vilt_config(vocab_size: int | None = None, hidden_size: int = 128, num_layers: int = 6,
@@ -183,7 +199,8 @@ def train_builtin_model(output_dir: str | Path, seed: int = 0, curriculum: tuple
     history = fit(model, stages, batch_size, learning_rate=learning_rate, progress=progress)
     train_seconds = time.perf_counter() - start_s
     train = stages[-1][0]  # the task's canvas; questions are drawn alike in every stage
-    model.save_pretrained(output_dir, safe_serialization=True)
+    with _quiet_transformers():
+        model.save_pretrained(output_dir, safe_serialization=True)
     save_tokenizer(tokenizer, output_dir)
     metadata = {
         "format_version": FORMAT_VERSION, "name": BUILTIN_NAME, "seed": seed,
@@ -238,8 +255,9 @@ def _load_checked(model_dir: Path) -> tuple[ViltForQuestionAnswering, Tokenizer]
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.get_vocab() != build_tokenizer().get_vocab():
         raise ValueError("tokenizer.json vocabulary differs from the task's")
-    model, info = ViltForQuestionAnswering.from_pretrained(
-        model_dir, output_loading_info=True, attn_implementation="eager")
+    with _quiet_transformers():
+        model, info = ViltForQuestionAnswering.from_pretrained(
+            model_dir, output_loading_info=True, attn_implementation="eager")
     bad = {k: v for k, v in info.items() if v}  # missing, unexpected, mismatched keys, errors
     if bad:
         raise ValueError(f"weights do not fit the model: {bad}")
@@ -267,7 +285,7 @@ def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = Fals
 
     The cache is used only if it passes every check (metadata, weights checksum, config, tokenizer,
     weight names and shapes); otherwise a one-line warning says why and the model is retrained
-    (about 8 minutes on a 2-core CPU). Training writes a temporary directory that replaces the
+    (about 6 minutes on a 2-core CPU). Training writes a temporary directory that replaces the
     cache only when complete, so an interrupted run leaves the old cache or none.
 
     Args:

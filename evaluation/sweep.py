@@ -114,12 +114,11 @@ def _table4_rows() -> list[dict[str, Any]]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "figure5": {"name": "figure5", "points": [
-        {"method": "pumer", "base": {"reduction_layers": [1, 2, 3, 4]}, "configs": [
-            {"prune_ratio": k, "image_merge_ratio": r, "text_merge_ratio": t}
-            for k, r, t in ((0.1, 0.2, 0.1), (0.1, 0.3, 0.2), (0.2, 0.4, 0.2), (0.3, 0.5, 0.3))]},
-        {"method": "tome", "vary": {"r": [4, 8, 12, 16, 20]}},
+        {"method": "pumer", "base": "builtin-digits", "configs": [
+            {"prune_ratio": k, "image_merge_ratio": r} for k, r in ((0.2, 0.1), (0.3, 0.2), (0.5, 0.3), (0.7, 0.4))]},
+        {"method": "tome", "vary": {"r": [4, 8, 12, 16]}},
         {"method": "dynamicvit", "base": {"reduction_layers": [1, 3, 4]},  # paper 3,6,9
-         "vary": {"keep_ratio": [0.9, 0.8, 0.7, 0.6, 0.5]}},
+         "vary": {"keep_ratio": [0.9, 0.7, 0.5]}},
     ]},
     "table3": {"name": "table3", "points": [
         {"method": "pumer", "base": "builtin-digits", "configs": [

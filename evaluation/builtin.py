@@ -180,7 +180,7 @@ def train_builtin_model(output_dir: str | Path, seed: int = 0, curriculum: tuple
 
     Args:
         output_dir: directory to write (created if missing).
-        seed: seed of the initialisation, training examples and ViLT's patch sampling.
+        seed: seed of the initialisation, the training examples and the val questions.
         curriculum: the canvas curriculum (:data:`~pumer_plug.evaluation.builtin_training.CURRICULUM`);
             every step sees ``batch_size`` fresh examples.
         batch_size: examples per step.

@@ -10,11 +10,12 @@ question is about. Two things make it learn within a few minutes on 2 CPU cores:
    each input (``ViltEmbeddings.visual_embed``), so a region keeps roughly the same positions at
    every canvas size and what is learned on small canvases carries over.
 2. **Auxiliary heads** (:class:`AuxiliaryHeads`, dropped after training) give ~170 targets per
-   example: every final image token names its region and digit; the pooled output names the
-   digit in each cell, how often each digit appears and how many digits there are; every digit
-   word of the question names how often its digit appears, and the last word of every place
-   phrase ("top left") names the digit in that cell. The word targets ground question words in
-   the image, which is what the "is there a d", "how many d" and comparison questions need.
+   example: every final image token names its region and digit (or background); the pooled
+   output names the digit in each cell, how often each digit appears and how many digits there
+   are; every digit word of the question (row and column numbers included) names how often its
+   digit appears, and the last word of every place phrase ("top left") names the digit in that
+   cell. The word targets ground question words in the image, which is what the "is there a d",
+   "how many d" and comparison questions need.
 
 Measured figures of the default recipe are in ``builtin.json`` of the cache and in
 ``docs/benchmarks.md``.
@@ -60,7 +61,7 @@ CURRICULUM = (Stage(1, 1, 1200), Stage(2, 2, 300), Stage(4, 2, 200))
 
 def curriculum_datasets(curriculum: tuple[Stage, ...], batch_size: int, seed: int,
                         tokenizer: Tokenizer) -> list[tuple[DigitsVQA, int]]:
-    """Returns one (train dataset, steps) per stage; stage i draws from seed ``[seed, i]``.
+    """Returns one (train dataset, steps) per stage; stage i draws from seed ``seed * 1000 + i``.
 
     Every stage draws fresh layouts and questions from the train digit images only.
     """
@@ -185,7 +186,7 @@ def step_losses(model: ViltForQuestionAnswering, heads: AuxiliaryHeads, inputs: 
     pooled = captured["pooled"]
     return {
         "answer": nn.functional.cross_entropy(logits, answer_ids),
-        # ink and background weigh the same: 9 digits against 135 background patches
+        # ink and background weigh the same: 2-7 digit patches against 137-142 background ones
         "patch": _cross_entropy(patch_logits[ink], patch[ink]) + _cross_entropy(patch_logits[~ink], patch[~ink]),
         "layout": _cross_entropy(heads.layout(pooled).view(-1, NUM_CELLS, 11), targets["layout"]),
         "counts": _cross_entropy(heads.counts(pooled).view(-1, 11, NUM_CELLS + 1), targets["counts"]),

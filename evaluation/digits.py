@@ -10,7 +10,7 @@ Layout, chosen so that a from-scratch ViLT learns it on a CPU: every digit is up
 is ``REGION_PATCHES x REGION_PATCHES`` patches and the digit sits on one of its central cells
 (patch-aligned jitter). The canvas has ``IMAGE_PATCHES`` = 144 patches against at most
 ``MAX_QUESTION_TOKENS`` = 16 text tokens, so image tokens dominate as in real VQA. A training
-curriculum may draw smaller canvases (``region_patches`` < 4: 48 or 96 px, same grid and
+curriculum may draw smaller canvases (``region_patches`` < 4: 48, 96 or 144 px, same grid and
 questions); the task itself (val, test, ``pumer-plug compare``) always uses the 192 px canvas.
 
 Splits: the 1797 digit images are first partitioned by ``image_seed`` into train/val/test
@@ -243,7 +243,8 @@ def collate(examples: list[Example], tokenizer: Tokenizer, noise_std: float = 0.
 
     Shapes:
         input_ids, attention_mask, token_type_ids (B, T) with T the longest question of the batch;
-        pixel_values (B, 1, CANVAS_PX, CANVAS_PX); pixel_mask (B, CANVAS_PX, CANVAS_PX);
+        pixel_values (B, 1, S, S); pixel_mask (B, S, S) with S = ``Example.canvas_px`` (CANVAS_PX
+        for the task; all examples of a batch share it);
         answer_ids (B,).
     """
     encodings = tokenizer.encode_batch([e.question for e in examples])

@@ -37,7 +37,8 @@ Tasks: the ``EvalTask`` protocol of :mod:`~pumer_plug.evaluation.compare` (``loa
 return a fresh model each call: finetuning changes its weights in place) plus
 ``train_batches(batch_size, seed) -> sequence of (inputs, targets)`` (called once per epoch with
 a seed derived from the run seed and the epoch) and optionally ``loss(logits, targets)``
-(default: cross-entropy). The built-in task gets both from :func:`train_batches_of`.
+(default: cross-entropy). For the built-in task, :func:`train_batches_of` builds the batches from
+``task.dataset``; its loss is the default.
 
 Example:
     >>> result = finetune(get_task("builtin"), FinetuneConfig(method="pumer"), "runs/ft-pumer")

@@ -98,7 +98,6 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
-
 @dataclass
 class FinetuneResult:
     """What :func:`finetune` did: best epoch (0-based), its val accuracy, the per-epoch history."""

@@ -14,16 +14,6 @@ from typing import Any, Sequence
 import torch
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -308,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of initialisation and training data (default: 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation and training data (default: 0)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     p.add_argument("--num-threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice); training runs on the CPU")

@@ -1,13 +1,15 @@
 """Behaviour tests of the built-in model's training recipe: curriculum data and auxiliary targets."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from pumer_plug.evaluation import builtin, digits
-from pumer_plug.evaluation.builtin_training import (BACKGROUND, IGNORE, AuxiliaryHeads, Stage, auxiliary_targets,
-                                                    curriculum_datasets, fit, step_losses)
-from pumer_plug.evaluation.digits import EMPTY, GRID_CELLS, PATCH_PX, PLACE_NAMES, DigitsVQA
+from pumer_plug.evaluation.builtin_training import (BACKGROUND, IGNORE, AuxiliaryHeads, Stage, _capture,
+                                                    auxiliary_targets, curriculum_datasets, fit, step_losses)
+from pumer_plug.evaluation.digits import CANVAS_PX, EMPTY, GRID_CELLS, PATCH_PX, DigitsVQA
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_ratio": 2}
 
@@ -27,11 +29,11 @@ def test_curriculum_canvas_puts_each_digit_on_one_patch_of_its_region(region_pat
         patches = inputs["pixel_values"][b, 0].unfold(0, PATCH_PX, PATCH_PX).unfold(1, PATCH_PX, PATCH_PX)
         inked = {(r, c) for r, c in (patches.amax((-1, -2)) > 0).nonzero().tolist()}
         placed = example.digit_patches()
-        assert inked <= {(r, c) for r, c, _ in placed}  # ink only where a digit was placed
-        for row, col, _ in placed:
-            assert (row // region_patches, col // region_patches) in {(i // 3, i % 3) for i in range(9)}
-        cells = [(row // region_patches) * GRID_CELLS + col // region_patches for row, col, _ in placed]
-        assert cells == [i for i, d in enumerate(example.cell_labels) if d != EMPTY]
+        assert inked == {(r, c) for r, c, _ in placed}  # every scan has ink (max grey level >= 14)
+        full = [i for i, d in enumerate(example.cell_labels) if d != EMPTY]
+        for (row, col, label), cell in zip(placed, full):
+            assert (row // region_patches, col // region_patches) == divmod(cell, GRID_CELLS)
+            assert label == example.cell_labels[cell]
 
 
 @pytest.mark.parametrize("kwargs", [{"region_patches": 0}, {"region_patches": 5}, {"jitter": 0}])
@@ -40,32 +42,59 @@ def test_bad_canvas_settings_are_refused(kwargs):
         DigitsVQA("train", 4, **kwargs)
 
 
-def test_auxiliary_targets_agree_with_the_layout_and_question():
-    data = DigitsVQA("train", 200, seed=1)
+@pytest.mark.parametrize("region_patches", [1, 2, 4])
+def test_auxiliary_targets_agree_with_the_layout_and_question(region_patches):
+    data = DigitsVQA("train", 200, seed=1, region_patches=region_patches)
     inputs, _ = data.collate(list(range(200)))
     targets = auxiliary_targets(data.examples, inputs["input_ids"], _digit_word_ids(data.tokenizer))
     vocab = {i: w for w, i in data.tokenizer.get_vocab().items()}
     for b, example in enumerate(data.examples):
         labels = example.cell_labels
         # patches: region * 10 + digit where a digit sits, background elsewhere
-        expected = {(r, c): (r // 4 * 3 + c // 4) * 10 + d for r, c, d in example.digit_patches()}
+        full = [i for i, d in enumerate(labels) if d != EMPTY]
+        expected = {(r, c): cell * 10 + d for (r, c, d), cell in zip(example.digit_patches(), full)}
         grid = targets["patch"][b]
+        assert grid.shape == (3 * region_patches, 3 * region_patches)
         assert all(grid[r, c] == v for (r, c), v in expected.items())
         assert int((grid != BACKGROUND).sum()) == len(expected)
         assert targets["layout"][b].tolist() == [10 if d == EMPTY else d for d in labels]
-        assert targets["counts"][b].tolist() == [labels.count(d) for d in range(10)] + [9 - labels.count(EMPTY)]
+        assert targets["counts"][b].tolist() == [labels.count(d) for d in range(10)] + [len(full)]
         words = [vocab[int(i)] for i in inputs["input_ids"][b]]
         for t, word in enumerate(words):
-            digit_target, place_target = int(targets["digit_words"][b, t]), int(targets["place_words"][b, t])
-            assert digit_target == (labels.count(int(word)) if word.isdigit() else IGNORE)
-            previous = " ".join(words[t - 1:t + 1])
-            name = previous if previous in PLACE_NAMES else word if word in PLACE_NAMES else None
-            if name is None:
-                assert place_target == IGNORE
-            else:
-                d = labels[PLACE_NAMES.index(name)]
-                assert place_target == (10 if d == EMPTY else d)
+            assert int(targets["digit_words"][b, t]) == (labels.count(int(word)) if word.isdigit() else IGNORE)
     assert (targets["place_words"] != IGNORE).any() and (targets["digit_words"] != IGNORE).any()
+
+
+@pytest.mark.parametrize("question, targets", [
+    ("is the top center digit larger than the center digit ?", {4: 1, 9: 4}),  # [CLS] is token 0
+    ("which is larger , the bottom left digit or the middle right digit ?", {7: 6, 12: 5}),
+    ("what digit is in the center ?", {6: 4}),
+    ("is there a 3 ?", {}),
+])
+def test_place_word_targets_sit_on_the_last_word_of_each_place_phrase(question, targets):
+    labels = (0, 1, 2, 3, 4, 5, 6, 7, 8)  # the digit in cell i is i
+    example = dataclasses.replace(DigitsVQA("train", 1, seed=0).examples[0], cell_labels=labels, question=question)
+    tokenizer = digits.build_tokenizer()
+    input_ids = torch.tensor([tokenizer.encode(question).ids])
+    place_words = auxiliary_targets([example], input_ids, _digit_word_ids(tokenizer))["place_words"][0]
+    assert {t: int(v) for t, v in enumerate(place_words) if v != IGNORE} == targets
+
+
+def test_each_image_token_is_trained_on_the_patch_it_came_from():
+    """ViLT returns image tokens in its own order; the recorded patch index must line them up."""
+    data = DigitsVQA("train", 4, seed=2)
+    model = builtin.build_builtin_model(seed=0, **TINY).train()
+    inputs, _ = data.collate(list(range(4)))
+    with _capture(model) as captured:
+        model(**inputs)
+    rows, cols = captured["patch_index"].unbind(-1)  # (B, V)
+    pixels = inputs["pixel_values"][:, 0].unfold(1, PATCH_PX, PATCH_PX).unfold(2, PATCH_PX, PATCH_PX)  # (B, P, P, 16, 16)
+    token_pixels = pixels[torch.arange(4)[:, None], rows, cols]  # (B, V, 16, 16)
+    projection = model.vilt.embeddings.patch_embeddings.projection
+    expected = projection(token_pixels.reshape(-1, 1, PATCH_PX, PATCH_PX)).flatten(1).view(4, -1, model.config.hidden_size)
+    embedded = model.vilt.embeddings.patch_embeddings(inputs["pixel_values"]).flatten(2).transpose(1, 2)  # (B, P*P, C)
+    grid = rows * (CANVAS_PX // PATCH_PX) + cols
+    torch.testing.assert_close(embedded[torch.arange(4)[:, None], grid], expected)
 
 
 def test_step_losses_are_finite_and_train_the_backbone():

@@ -55,7 +55,6 @@ stream is never reduced (not even the padding compaction that a zero text merge 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,14 +68,12 @@ from transformers.models.bridgetower.modeling_bridgetower import (
     BridgeTowerOutput,
 )
 
-from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule, real_lengths
+from pumer_plug.adapters.base import AdapterError, get_submodule, real_lengths
+from pumer_plug.adapters.coattention import STREAMS, BlockState, CoAttentionAdapter, keys_catcher
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import attention_bias
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
-
-STREAMS = ("text", "image")
-
 
 def find_bridgetower(model: nn.Module) -> BridgeTowerModel | None:
     if isinstance(model, BridgeTowerModel):
@@ -85,27 +82,8 @@ def find_bridgetower(model: nn.Module) -> BridgeTowerModel | None:
     return inner if isinstance(inner, BridgeTowerModel) else None
 
 
-@dataclass
-class PairState:
-    """Per-forward bookkeeping besides the streams, reset where the model's forward begins.
-
-    Attributes:
-        plans: per stream, the composition of every plan applied so far, from the unimodal tokens.
-        pair: the pair whose text layer ran last (-1 before the first pair).
-        inputs: the pair's inputs ``x`` (B, T, C) and ``y`` (B, V, C), as the model passed them.
-        reduced: ``x`` and ``y`` reduced at this pair, for its image layer (empty if not reduced).
-        residual: the text hidden state before and after reduction, for the MLP residual.
-    """
-
-    plans: dict[str, ReductionPlan] = field(default_factory=dict)
-    pair: int = -1
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    reduced: dict[str, torch.Tensor] = field(default_factory=dict)
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
 @ADAPTERS.register("bridgetower")
-class BridgeTowerAdapter(Adapter):
+class BridgeTowerAdapter(CoAttentionAdapter):
     """Attaches a reduction method to a transformers BridgeTower model (reduction layers = cross pairs).
 
     Raises:
@@ -115,6 +93,8 @@ class BridgeTowerAdapter(Adapter):
     """
 
     name = "bridgetower"
+    compose_plans = True  # the link towers take the unimodal tokens through every plan so far
+    mismatch_hint = "the installed transformers BridgeTowerModel differs from the supported one"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -147,7 +127,7 @@ class BridgeTowerAdapter(Adapter):
             raise AdapterError(f"bridgetower adapter: attention implementation {attn!r} returns no attention "
                                "probabilities; load the model with attn_implementation='eager'")
         self.token_level_head = isinstance(model, BridgeTowerForMaskedLM)
-        self.state = PairState()
+        self.state = BlockState()
 
     def _link_towers(self, bt: BridgeTowerModel, name: str) -> list[nn.Module]:
         path = f"cross_modal_{name}_link_tower"
@@ -175,8 +155,8 @@ class BridgeTowerAdapter(Adapter):
                 continue
             if method.needs_keys:
                 heads = text_layer.attention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.attention.self.key, _keys_catcher(handle, "text", heads))
-                handle.add_forward_hook(text_layer.crossattention.self.key, _keys_catcher(handle, "image", heads))
+                handle.add_forward_hook(text_layer.attention.self.key, keys_catcher(handle, "text", heads))
+                handle.add_forward_hook(text_layer.crossattention.self.key, keys_catcher(handle, "image", heads))
             if method.needs_text_saliency:
                 handle.add_forward_hook(text_layer.crossattention.self, _saliency_catcher(handle, i))
             handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
@@ -203,7 +183,7 @@ class BridgeTowerAdapter(Adapter):
             protected[:, 0] = True  # text CLS (<s>)
             handle.start_forward()
             handle.streams["text"] = TokenStream(mask, protected, [Segment(TEXT, T, 1)], lengths)
-            self.state = PairState(plans={"text": ReductionPlan.identity(T)})
+            self.state = BlockState(plans={"text": ReductionPlan.identity(T)})
 
         return hook
 
@@ -219,52 +199,12 @@ class BridgeTowerAdapter(Adapter):
                 protected[:, 0] = True  # image CLS (CLIP class embedding)
                 streams["image"] = TokenStream(mask, protected, [Segment(IMAGE, V, 1)], [(V,) * B])
                 state.plans["image"] = ReductionPlan.identity(V)
-            _check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
-            _check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
-            state.pair, state.inputs, state.reduced, state.residual = i, {"text": x, "image": y}, {}, {}
+            self._check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
+            self._check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
+            state.block, state.inputs, state.reduced, state.residual = i, {"text": x, "image": y}, {}, {}
             if not rewrite:
                 return None
             return _with_masks(args, kwargs, _bias(streams["text"], x.dtype, handle), _bias(streams["image"], x.dtype, handle))
-
-        return hook
-
-    def _reducer(self, handle: Any, i: int):
-        def hook(module: nn.Module, args: tuple):
-            state, streams = self.state, handle.streams
-            if state.pair != i:
-                raise RuntimeError(f"bridgetower adapter: cross_modal_text_layers.{i}.intermediate ran outside its layer")
-            hidden = args[0]  # (B, T, C), after self- and cross-attention
-            for name in STREAMS:
-                stream = streams[name]
-                if name == "text" and self.token_level_head:
-                    handle.record_counts(i, name, stream)
-                    continue
-                size = stream.size  # None while every token has size 1
-                stream.hidden = hidden if name == "text" else state.inputs[name]  # token features (DynamicViT)
-                plan = handle.method.reduce(i, stream)
-                stream.hidden = None
-                handle.record_counts(i, name, stream)
-                state.plans[name] = state.plans[name].then(plan)
-                if plan.is_identity:
-                    continue
-                state.reduced[name] = plan.apply(state.inputs[name], size)  # pair input, (B, N', C)
-                if name == "text":
-                    state.residual = {"input": hidden, "output": plan.apply(hidden, size)}  # (B, T', C)
-            return (state.residual["output"],) if state.residual else None
-
-        return hook
-
-    def _residual_rewriter(self, i: int):
-        def hook(module: nn.Module, args: tuple):
-            # BridgeTowerOutput.forward(hidden_states, input_tensor): the MLP residual
-            residual = self.state.residual
-            if not residual:
-                return None
-            if args[1] is not residual["input"]:
-                raise RuntimeError(f"bridgetower adapter: cross_modal_text_layers.{i}.output's residual is not the reduced "
-                                   "hidden state; the installed transformers BridgeTowerBertCrossLayer differs from the supported one")
-            self.state.residual = {}
-            return (args[0], residual["output"])
 
         return hook
 
@@ -272,14 +212,14 @@ class BridgeTowerAdapter(Adapter):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             state, streams = self.state, handle.streams
             y, x = args[0], args[1]
-            if state.pair != i or y is not state.inputs["image"] or x is not state.inputs["text"]:
+            if state.block != i or y is not state.inputs["image"] or x is not state.inputs["text"]:
                 raise RuntimeError(f"bridgetower adapter: cross_modal_image_layers.{i} must run right after "
                                    f"cross_modal_text_layers.{i} on the same pair inputs (BridgeTower's order)")
             if not rewrite:
                 return None
             y, x = state.reduced.get("image", y), state.reduced.get("text", x)
-            _check_length(streams["image"], y, f"cross_modal_image_layers.{i} hidden_states")
-            _check_length(streams["text"], x, f"cross_modal_image_layers.{i} encoder_hidden_states")
+            self._check_length(streams["image"], y, f"cross_modal_image_layers.{i} hidden_states")
+            self._check_length(streams["text"], x, f"cross_modal_image_layers.{i} encoder_hidden_states")
             state.reduced = {}
             args = (y, x, *args[2:])
             return _with_masks(args, kwargs, _bias(streams["image"], y.dtype, handle), _bias(streams["text"], y.dtype, handle))
@@ -297,13 +237,6 @@ class BridgeTowerAdapter(Adapter):
             return None if reduced is unimodal else (reduced, *args[1:])
 
         return hook
-
-
-def _keys_catcher(handle: Any, name: str, num_heads: int):
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        handle.streams[name].set_keys(out, num_heads)  # (B, N, C) -> mean over heads (B, N, C/H)
-
-    return hook
 
 
 def _saliency_catcher(handle: Any, i: int):
@@ -328,9 +261,3 @@ def _with_masks(args: tuple, kwargs: dict, self_bias: torch.Tensor, cross_bias: 
     # BridgeTowerBertCrossLayer.forward(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask, cache)
     positional = dict(zip(("attention_mask", "encoder_attention_mask", "cache"), args[2:]))
     return args[:2], {**kwargs, **positional, "attention_mask": self_bias, "encoder_attention_mask": cross_bias}
-
-
-def _check_length(stream: TokenStream, x: torch.Tensor, where: str) -> None:
-    if x.shape[1] != stream.num_tokens:
-        raise RuntimeError(f"bridgetower adapter: {where} has {x.shape[1]} tokens but its stream's mask has "
-                           f"{stream.num_tokens}; the installed transformers BridgeTowerModel differs from the supported one")

@@ -54,13 +54,13 @@ GMACs (1.42x; FlopCounterMode), the paper's 92 -> 64.7 (Table 7); see docs/bench
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule, real_lengths
+from pumer_plug.adapters.base import AdapterError, get_submodule, real_lengths
+from pumer_plug.adapters.coattention import STREAMS, BlockState, CoAttentionAdapter, keys_catcher
 from pumer_plug.models.meter import MeterModel
 from pumer_plug.models.meter_layers import (
     MASKED_SCORE,
@@ -69,32 +69,11 @@ from pumer_plug.models.meter_layers import (
     CrossSelfOutput,
     extend_attention_mask,
 )
-from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
-STREAMS = ("text", "image")
-
-
-@dataclass
-class BlockState:
-    """Per-forward bookkeeping besides the streams, reset when block 0 starts.
-
-    Attributes:
-        block: the block whose text layer ran last (-1 before the first block).
-        inputs: the block's inputs ``x`` (B, T, C) and ``y`` (B, V, C), as the model passed them.
-        reduced: the reduced ``x`` and ``y`` for the image layer of a reduction block (empty otherwise).
-        residual: the text hidden state before and after reduction, for the FFN residual.
-    """
-
-    block: int = -1
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    reduced: dict[str, torch.Tensor] = field(default_factory=dict)
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
 @ADAPTERS.register("meter")
-class MeterAdapter(Adapter):
+class MeterAdapter(CoAttentionAdapter):
     """Attaches a reduction method to a METER model (reduction layers = co-attention blocks).
 
     Raises:
@@ -138,9 +117,9 @@ class MeterAdapter(Adapter):
                 continue
             if method.needs_keys:
                 heads = text_layer.attention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.attention.self.key, _keys_catcher(handle, "text", heads))
+                handle.add_forward_hook(text_layer.attention.self.key, keys_catcher(handle, "text", heads))
                 heads = text_layer.crossattention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.crossattention.self.key, _keys_catcher(handle, "image", heads))
+                handle.add_forward_hook(text_layer.crossattention.self.key, keys_catcher(handle, "image", heads))
             if method.needs_text_saliency:
                 handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, _saliency_catcher(handle))
             handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
@@ -157,8 +136,8 @@ class MeterAdapter(Adapter):
                 raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i} ran after block {self.state.block}; "
                                    "the co-attention blocks must run in order, starting at block 0")
             streams = handle.streams
-            _check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
-            _check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
+            self._check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
+            self._check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
             self.state.block, self.state.inputs = i, {"text": x, "image": y}
             self.state.reduced, self.state.residual = {}, {}
             if not rewrite:
@@ -186,41 +165,6 @@ class MeterAdapter(Adapter):
             protected[:, 0] = True  # text CLS (<s>) / image CLS (CLIP class embedding)
             handle.streams[name] = TokenStream(mask, protected, [Segment(modality, N, 1)], lengths)
 
-    def _reducer(self, handle: Any, i: int):
-        def hook(module: nn.Module, args: tuple):
-            state, streams = self.state, handle.streams
-            if state.block != i:
-                raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i}.intermediate ran outside its layer")
-            hidden = args[0]  # (B, T, C), after self- and cross-attention
-            for name in STREAMS:
-                stream = streams[name]
-                size = stream.size  # None while every token has size 1
-                stream.hidden = hidden if name == "text" else state.inputs[name]  # token features (DynamicViT)
-                plan: ReductionPlan = handle.method.reduce(i, stream)
-                handle.record_counts(i, name, stream)
-                if plan.is_identity:
-                    continue
-                state.reduced[name] = plan.apply(state.inputs[name], size)  # block input, (B, N', C)
-                if name == "text":
-                    state.residual = {"input": hidden, "output": plan.apply(hidden, size)}  # (B, T', C)
-            return (state.residual["output"],) if state.residual else None
-
-        return hook
-
-    def _residual_rewriter(self, i: int):
-        def hook(module: nn.Module, args: tuple):
-            # CrossSelfOutput.forward(hidden_states, input_tensor): the FFN residual
-            residual = self.state.residual
-            if not residual:
-                return None
-            if args[1] is not residual["input"]:
-                raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i}.output's residual is not the reduced "
-                                   "hidden state; this CrossLayer differs from the one the adapter supports")
-            self.state.residual = {}
-            return (args[0], residual["output"])
-
-        return hook
-
     def _image_layer(self, handle: Any, i: int, rewrite: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             _check_keywords(args, f"cross_modal_image_layers.{i}")
@@ -235,21 +179,14 @@ class MeterAdapter(Adapter):
                    "encoder_hidden_states": state.reduced.get("text", x)}
             streams = handle.streams
             where = f"cross_modal_image_layers.{i}"
-            _check_length(streams["image"], new["hidden_states"], f"{where} hidden_states")
-            _check_length(streams["text"], new["encoder_hidden_states"], f"{where} encoder_hidden_states")
+            self._check_length(streams["image"], new["hidden_states"], f"{where} hidden_states")
+            self._check_length(streams["text"], new["encoder_hidden_states"], f"{where} encoder_hidden_states")
             new["attention_mask"] = _bias(streams["image"], y.dtype, handle)
             new["encoder_attention_mask"] = _bias(streams["text"], y.dtype, handle)
             state.reduced = {}
             return args, new
 
         return hook
-
-
-def _keys_catcher(handle: Any, name: str, num_heads: int):
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        handle.streams[name].set_keys(out, num_heads)  # (B, N, C) -> mean over heads (B, N, C/H)
-
-    return hook
 
 
 def _saliency_catcher(handle: Any):
@@ -275,9 +212,3 @@ def _check_keywords(args: tuple, where: str) -> None:
     if args:
         raise RuntimeError(f"meter adapter: {where} was called with {len(args)} positional argument(s); MeterModel "
                            "passes hidden_states, encoder_hidden_states and both masks as keywords")
-
-
-def _check_length(stream: TokenStream, x: torch.Tensor, where: str) -> None:
-    if x.shape[1] != stream.num_tokens:
-        raise RuntimeError(f"meter adapter: {where} has {x.shape[1]} tokens but its stream's mask has "
-                           f"{stream.num_tokens}; the co-attention blocks must run in order on the model's outputs")

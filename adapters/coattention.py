@@ -1,0 +1,113 @@
+"""What the two-stream adapters (METER, BridgeTower) share: PuMer's reduction inside a co-attention block.
+
+Both models run co-attention block ``i`` as a text layer, then an image layer, each reading the
+block's inputs ``x`` (text, (B, T, C)) and ``y`` (image, (B, V, C)). PuMer reduces both streams
+inside the TEXT layer of a reduction block, after its cross-attention and before its FFN
+(``csarron/PuMer`` ``modules_meter.BertCrossLayer``): the plan of the text stream is applied to
+that layer's hidden state and to its FFN residual, and the plans of both streams are applied to
+the block inputs, which the image layer of the same block then reads. This module holds that
+part: the per-forward state, the reducer and residual hooks, the key catcher and the length
+check. Where a model keeps its layers, how its masks look and how a forward starts stay in the
+subclasses (``adapters/meter.py``, ``adapters/bridgetower.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pumer_plug.adapters.base import Adapter
+from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.stream import TokenStream
+
+STREAMS = ("text", "image")
+
+
+@dataclass
+class BlockState:
+    """Per-forward bookkeeping besides the streams, reset where a forward starts.
+
+    Attributes:
+        block: the co-attention block whose text layer ran last (-1 before the first block).
+        inputs: the block's inputs ``x`` (B, T, C) and ``y`` (B, V, C), as the model passed them.
+        reduced: ``x`` and ``y`` reduced at this block, for its image layer (empty if not reduced).
+        residual: the text hidden state before and after reduction, for the FFN residual.
+        plans: per stream, the composition of every plan so far (only if the adapter composes plans).
+    """
+
+    block: int = -1
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    reduced: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    plans: dict[str, ReductionPlan] = field(default_factory=dict)
+
+
+class CoAttentionAdapter(Adapter):
+    """Base of the two-stream adapters; reduction layers are co-attention blocks.
+
+    Subclasses set ``name``, ``state`` (a :class:`BlockState`), ``compose_plans`` (keep the
+    composed plans of both streams, e.g. for BridgeTower's link towers), ``token_level_head`` (the
+    text stream must not be reduced) and ``mismatch_hint`` (the end of the error a length mismatch
+    raises), and register the hooks below.
+    """
+
+    compose_plans = False
+    token_level_head = False
+    mismatch_hint = "the co-attention blocks must run in order on the model's outputs"
+
+    def _reducer(self, handle: Any, i: int):
+        """Pre-hook on the text layer's FFN input (``intermediate``) of reduction block ``i``."""
+        def hook(module: nn.Module, args: tuple):
+            state, streams = self.state, handle.streams
+            if state.block != i:
+                raise RuntimeError(f"{self.name} adapter: cross_modal_text_layers.{i}.intermediate ran outside its layer")
+            hidden = args[0]  # (B, T, C), after self- and cross-attention
+            for name in STREAMS:
+                stream = streams[name]
+                if name == "text" and self.token_level_head:
+                    handle.record_counts(i, name, stream)
+                    continue
+                size = stream.size  # None while every token has size 1
+                stream.hidden = hidden if name == "text" else state.inputs[name]  # token features (DynamicViT)
+                plan: ReductionPlan = handle.method.reduce(i, stream)
+                stream.hidden = None
+                handle.record_counts(i, name, stream)
+                if self.compose_plans:
+                    state.plans[name] = state.plans[name].then(plan)
+                if plan.is_identity:
+                    continue
+                state.reduced[name] = plan.apply(state.inputs[name], size)  # block input, (B, N', C)
+                if name == "text":
+                    state.residual = {"input": hidden, "output": plan.apply(hidden, size)}  # (B, T', C)
+            return (state.residual["output"],) if state.residual else None
+
+        return hook
+
+    def _residual_rewriter(self, i: int):
+        """Pre-hook on the text layer's FFN output module ``output(hidden_states, input_tensor)``."""
+        def hook(module: nn.Module, args: tuple):
+            residual = self.state.residual
+            if not residual:
+                return None
+            if args[1] is not residual["input"]:
+                raise RuntimeError(f"{self.name} adapter: cross_modal_text_layers.{i}.output's residual is not the "
+                                   f"reduced hidden state; this {type(module).__name__} is not the one the adapter supports")
+            self.state.residual = {}
+            return (args[0], residual["output"])
+
+        return hook
+
+    def _check_length(self, stream: TokenStream, x: torch.Tensor, where: str) -> None:
+        if x.shape[1] != stream.num_tokens:
+            raise RuntimeError(f"{self.name} adapter: {where} has {x.shape[1]} tokens but its stream's mask has "
+                               f"{stream.num_tokens}; {self.mismatch_hint}")
+
+
+def keys_catcher(handle: Any, name: str, num_heads: int):
+    """Forward hook on a key projection: stream ``name``'s keys, (B, N, C) -> mean over heads (B, N, C/H)."""
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        handle.streams[name].set_keys(out, num_heads)
+
+    return hook

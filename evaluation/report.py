@@ -163,10 +163,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_references(references: Mapping[str, float]) -> str:
+    """One line naming the task's reference accuracies, e.g. ``majority answer 18.0%``."""
+    return "reference points on the same examples: " + ", ".join(
+        f"{name} {100 * value:.1f}%" for name, value in references.items())
+
+
+def _markdown(rows: Sequence[Mapping[str, Any]], references: Mapping[str, float] | None = None) -> str:
     lines = ["# Results", "", format_table(rows), "",
              "Accuracy change is in percentage points; ratios are against the "
-             f"`{rows[0].get('baseline')}` row of the same run.", "", "## Environment", ""]
+             f"`{rows[0].get('baseline')}` row of the same run."]
+    if references:
+        line = format_references(references)
+        lines += ["", line[0].upper() + line[1:] + "."]
+    lines += ["", "## Environment", ""]
     lines += [f"- {key}: {value}" for key, value in environment_of(rows[0]).items()]
     methods = sorted({row.get("memory_method") for row in rows if row.get("memory_method")})
     lines += ["", "## Memory method", ""]
@@ -174,11 +184,13 @@ def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | Path) -> dict[str, Path]:
+def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | Path,
+                  references: Mapping[str, float] | None = None) -> dict[str, Path]:
     """Appends the rows to ``results.jsonl`` and (re)writes ``results.md`` in ``output_dir``.
 
     ``results.jsonl`` gets one JSON object per row and is only ever appended to, so successive
-    runs accumulate; ``results.md`` shows this call's rows, environment and memory method.
+    runs accumulate; ``results.md`` shows this call's rows, the task's ``references`` (accuracies
+    of trivial predictors such as the majority answer), environment and memory method.
 
     Returns:
         ``{"jsonl": path, "markdown": path}``.
@@ -195,5 +207,5 @@ def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | Path) -> 
                    for row in rows)
     with jsonl.open("a", encoding="utf-8") as handle:
         handle.write(text)
-    markdown.write_text(_markdown(rows), encoding="utf-8")
+    markdown.write_text(_markdown(rows, references), encoding="utf-8")
     return {"jsonl": jsonl, "markdown": markdown}

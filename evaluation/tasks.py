@@ -99,6 +99,15 @@ class BuiltinDigitsTask:
     def batches(self, split: str, batch_size: int) -> list[Batch]:
         return list(self.dataset(split).batches(batch_size))
 
+    def reference_accuracies(self, split: str = "test") -> dict[str, float]:
+        """Accuracies of trivial predictors on ``split``: always the most frequent train answer, and
+        the most frequent train answer per question (the best a model that ignores the image does)."""
+        from pumer_plug.evaluation.digits import DigitsVQA, majority_answer_accuracy, question_prior_accuracy
+
+        data, train = self.dataset(split), DigitsVQA("train", 10000, seed=0, tokenizer=self._tokenizer)
+        return {"majority answer": majority_answer_accuracy(data, train),
+                "question-only prior": question_prior_accuracy(data, train)}
+
     def accuracy(self, model: nn.Module, batches: Sequence[Batch]) -> float:
         return classification_accuracy(model, batches)
 

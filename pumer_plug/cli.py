@@ -94,7 +94,7 @@ def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from pumer_plug.evaluation.compare import MethodSpec, run_compare
-    from pumer_plug.evaluation.report import format_table, write_results
+    from pumer_plug.evaluation.report import format_references, format_table, write_results
     from pumer_plug.evaluation.tasks import get_task
 
     methods = _parse_methods(args.methods)
@@ -107,7 +107,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = run_compare(task, specs, batch_size=batch_size, device=args.device, rounds=args.rounds,
                        timing_batches=args.timing_batches)
     print(format_table(rows))
-    paths = write_results(rows, args.output)
+    references = task.reference_accuracies() if hasattr(task, "reference_accuracies") else None
+    if references:
+        print(format_references(references))
+    paths = write_results(rows, args.output, references)
     print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} ({rows[0].get('memory_method')} peak memory)")
     return 0
 

@@ -208,3 +208,11 @@ def test_train_command_retrains_with_the_seed_and_prints_val_accuracy(tiny_cache
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--seed", "-1"])
     assert exit_info.value.code == 2 and "expected an integer >= 0" in capsys.readouterr().err
+
+
+def test_builtin_task_reports_trivial_predictors_on_its_test_split(tiny_cache):
+    from pumer_plug.evaluation.tasks import get_task
+
+    references = get_task("builtin", num_test_examples=500).reference_accuracies()
+    assert set(references) == {"majority answer", "question-only prior"}
+    assert 0.1 < references["majority answer"] < references["question-only prior"] < 0.45

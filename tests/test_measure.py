@@ -388,6 +388,14 @@ def test_compare_rows_bad_input_raises(kwargs, message):
         report.compare_rows(variants, environment={}, **kwargs)
 
 
+def test_write_results_names_the_task_reference_accuracies(tmp_path):
+    references = {"majority answer": 0.18, "question-only prior": 0.303}
+    paths = report.write_results(_rows(), tmp_path, references)
+    assert "Reference points on the same examples: majority answer 18.0%, question-only prior 30.3%." \
+        in paths["markdown"].read_text()
+    assert "Reference points" not in report.write_results(_rows(), tmp_path / "plain")["markdown"].read_text()
+
+
 def test_write_results_rejects_empty_rows(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         report.write_results([], tmp_path)

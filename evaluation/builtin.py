@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -308,5 +309,8 @@ def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = Fals
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
             warnings.warn(f"pumer-plug: built-in model cache {model_dir} is unusable ({reason}); retraining",
                           stacklevel=2)
+    if progress:
+        print(f"pumer-plug: training the built-in model into {model_dir} (once; about 6 minutes on 2 CPU "
+              "cores, the last stage's steps are the slowest)", file=sys.stderr)
     _train_into_cache(model_dir, progress, seed)
     return _load_checked(model_dir)

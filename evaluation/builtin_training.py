@@ -237,7 +237,10 @@ def fit(model: ViltForQuestionAnswering, stages: list[tuple[DigitsVQA, int]], ba
     model.train()
     history: list[dict[str, float]] = []
     with tqdm(total=total_steps, disable=not progress, desc="training built-in ViLT", unit="step") as bar:
-        for data, steps in stages:
+        for k, (data, steps) in enumerate(stages):
+            if len(stages) > 1 and len(data):
+                bar.set_description(f"training built-in ViLT, stage {k + 1}/{len(stages)} "
+                                    f"({data.examples[0].canvas_px} px)")
             for step in range(steps):
                 indices = list(range(step * batch_size, (step + 1) * batch_size))
                 inputs, answer_ids = data.collate(indices)

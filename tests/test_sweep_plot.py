@@ -137,3 +137,31 @@ def test_bad_options_exit_2_naming_the_option(argv, option, capsys):
         main(argv)
     lines = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and lines[-1].startswith(f"pumer-plug {argv[0]}: error: argument {option}")
+
+
+@pytest.mark.parametrize("argv", [["compare", "--batch-size", "0"], ["train", "--seed", "-3"], ["nope"]])
+def test_argument_errors_are_one_line_naming_the_problem(argv, capsys):
+    from pumer_plug.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err and "--help" in err
+
+
+def test_our_warnings_print_as_one_line_during_a_command(capsys, monkeypatch):
+    import warnings
+
+    from pumer_plug import cli
+
+    def warn(args):
+        warnings.warn("pumer-plug: cache is unusable (reason); retraining", stacklevel=2)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_list", warn)
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["list"]) == 0
+    assert capsys.readouterr().err == "pumer-plug: cache is unusable (reason); retraining\n"
+    assert warnings.showwarning is before

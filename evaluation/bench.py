@@ -115,6 +115,16 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
     }
 
 
+def _random_batch(batch_size: int, text_len: int, image_size: int) -> dict[str, torch.Tensor]:
+    """Seeded random token ids (B, T), an all-ones mask (B, T) and pixels (B, 3, S, S) for a two-stream model."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(1000, 20000, (batch_size, text_len), generator=g),
+        "attention_mask": torch.ones(batch_size, text_len, dtype=torch.long),
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g),
+    }
+
+
 def _describe(config: Any) -> str:
     return config.describe() if hasattr(config, "describe") else repr(config)
 
@@ -131,12 +141,7 @@ def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -
 
     torch.manual_seed(0)
     model = MeterModel(dataclasses.replace(MeterConfig(), image_size=image_size), task="vqa").eval()
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(1000, 20000, (batch_size, text_len), generator=g),
-        "attention_mask": torch.ones(batch_size, text_len, dtype=torch.long),
-        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g),
-    }
+    batch = _random_batch(batch_size, text_len, image_size)
     desc = f"METER-CLIP16-RoBERTa base (default MeterConfig), batch {batch_size}, {text_len} text tokens, {image_size}x{image_size} images"
     return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc)
 
@@ -153,11 +158,6 @@ def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     config = BridgeTowerConfig()
     model = BridgeTowerModel(config).eval()
     size = config.vision_config.image_size
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(1000, 20000, (batch_size, text_len), generator=g),
-        "attention_mask": torch.ones(batch_size, text_len, dtype=torch.long),
-        "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
-    }
+    batch = _random_batch(batch_size, text_len, size)
     desc = f"BridgeTower base (default BridgeTowerConfig), batch {batch_size}, {text_len} text tokens, {size}x{size} images"
     return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc)

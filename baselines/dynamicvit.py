@@ -282,6 +282,7 @@ class DynamicViT(ReductionMethod):
     """
 
     name = "dynamicvit"
+    display_name = "DynamicViT"
     config_class = DynamicViTConfig
 
     def __init__(self, config: DynamicViTConfig) -> None:

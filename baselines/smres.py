@@ -152,6 +152,7 @@ class SmRes(ReductionMethod):
     """
 
     name = "smres"
+    display_name = "SmRes"
     config_class = SmResConfig
 
     def reduction_layers(self, num_layers: int) -> tuple[int, ...]:

@@ -136,6 +136,7 @@ class Tome(ReductionMethod):
     """
 
     name = "tome"
+    display_name = "ToMe"
     config_class = TomeConfig
     needs_keys = True
     needs_text_saliency = False

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pumer_plug.baselines.dynamicvit import DynamicViT, distillation_loss, keep_ratio_loss
-from pumer_plug.configs import load_method_config
+from pumer_plug.config import load_method_config
 from pumer_plug.handle import ReductionHandle, apply
 
 from .finetune_config import DENSE, MIXED_PRECISION, FinetuneConfig, FinetuneResult, config_to_dict

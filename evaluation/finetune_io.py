@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pumer_plug.configs import load_method_config
+from pumer_plug.config import load_method_config
 from pumer_plug.handle import apply
 
 CHECKPOINT = "checkpoint"

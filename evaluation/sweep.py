@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pumer_plug.configs import load_method_config, read_config_file
+from pumer_plug.config import load_method_config, read_config_file
 from pumer_plug.evaluation.finetune import FinetuneConfig, attach_finetuned, config_to_dict, finetune, load_finetuned
 from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_peak_memory, measure_throughput
 from pumer_plug.evaluation.report import compare_rows

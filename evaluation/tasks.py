@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from pumer_plug.configs import load_method_config
+from pumer_plug.config import load_method_config
 
 TASKS: dict[str, Callable[..., Any]] = {}
 

@@ -65,7 +65,7 @@ def _parse_methods(text: str) -> list[str]:
 
 def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict[str, Any]:
     """``--config`` values are ``[METHOD=]PRESET_OR_FILE``; without ``METHOD=`` they go to every method."""
-    from pumer_plug.configs import load_method_config
+    from pumer_plug.config import load_method_config
 
     chosen: dict[str, Any] = {}
     for spec in specs:
@@ -102,7 +102,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pumer_plug.configs import load_method_config
+    from pumer_plug.config import load_method_config
     from pumer_plug.evaluation.bench import BENCH_MODELS, run_bench
 
     if args.model not in BENCH_MODELS:

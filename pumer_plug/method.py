@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
 
 from pumer_plug.stream import TokenStream
@@ -21,6 +22,8 @@ class ReductionMethod:
     """
 
     name: ClassVar[str] = ""
+    #: how tables and figures name the method ("PuMer", "ToMe")
+    display_name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     needs_keys: ClassVar[bool] = False
     needs_text_saliency: ClassVar[bool] = False
@@ -57,8 +60,36 @@ class ReductionMethod:
         raise NotImplementedError
 
     def modules(self) -> nn.Module | None:
-        """Learned parameters the method owns (DynamicViT's predictors); None for parameter-free ones."""
+        """Learned parameters the method owns (DynamicViT's predictors); None for parameter-free ones.
+
+        Built by ``attach()``, so they exist (and can go to an optimizer) right after ``apply()``.
+        """
         return None
+
+    def training_losses(self) -> dict[str, torch.Tensor]:
+        """The method's own loss terms from the last training forward, already weighted by its
+        config (DynamicViT: ``{"keep_ratio": ...}``); empty for methods without any."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's learned state, for saving beside a finetuned backbone (empty if none)."""
+        modules = self.modules()
+        return {} if modules is None else dict(modules.state_dict())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: ``state`` is not empty and the method has no learned state, or keys differ.
+        """
+        modules = self.modules()
+        if modules is None:
+            if state:
+                raise ValueError(f"method {self.name!r} has no learned state; got {len(state)} tensors")
+            return
+        missing, unexpected = modules.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"method {self.name!r} state: missing keys {list(missing)}, unexpected keys {list(unexpected)}")
 
     def attach(self, handle) -> None:
         """Called by ``apply()`` after the adapter attached; a method that acts outside the

@@ -28,6 +28,7 @@ class Pumer(ReductionMethod):
     """
 
     name = "pumer"
+    display_name = "PuMer"
     config_class = PumerConfig
     needs_keys = True
     needs_text_saliency = True

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pumer_plug.ops.reduce import merge_count, prune_count
+from pumer_plug.ops.reduce import SALIENCY_HEADS, merge_count, prune_count
 from pumer_plug.registry import METHODS
 
 
@@ -42,10 +42,13 @@ class PumerConfig:
         reduction_layers: 0-based indices of the cross-modal layers that hold a token reducer;
             unique, ascending, and below the model's cross-modal depth (checked at ``apply``).
         prune_ratio: k, the fraction of image tokens pruned by text-saliency score per reducer.
-        image_merge_ratio: r, fraction of (pruned) image tokens merged away per reducer.
+        image_merge_ratio: r, merged image tokens per reducer as a fraction of the image tokens
+            *before* pruning (``round(r|V|)``, as the released code and the paper's Table 7 FLOPs).
         text_merge_ratio: t, fraction of text tokens merged away per reducer.
         proportional_attention: add ``log(size)`` of merged tokens to attention logits (ToMe).
             Off by default: PuMer's released code does not use it.
+        saliency_heads: how the text-saliency score combines attention heads: ``"sum"`` (PuMer
+            Eq. 1) or ``"first"`` (the first head only, the released code's ViLT VQA default).
 
     Raises:
         ValueError: a ratio outside [0, 1) or bad reduction layers; the message names the field.
@@ -59,6 +62,7 @@ class PumerConfig:
     image_merge_ratio: float = 0.3
     text_merge_ratio: float = 0.2
     proportional_attention: bool = False
+    saliency_heads: str = "sum"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     PRESET_SOURCES: ClassVar[dict[str, str]] = {}
@@ -69,6 +73,8 @@ class PumerConfig:
             check_ratio("PumerConfig", name, getattr(self, name))
         if not isinstance(self.proportional_attention, bool):
             raise ValueError(f"PumerConfig.proportional_attention must be a bool, got {self.proportional_attention!r}")
+        if self.saliency_heads not in SALIENCY_HEADS:
+            raise ValueError(f"PumerConfig.saliency_heads must be one of {SALIENCY_HEADS}, got {self.saliency_heads!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "PumerConfig":
@@ -103,7 +109,8 @@ class PumerConfig:
 
     def describe(self) -> str:
         layers = ",".join(map(str, self.reduction_layers))
-        return f"layers={layers} k={self.prune_ratio:g} r={self.image_merge_ratio:g} t={self.text_merge_ratio:g}"
+        heads = "" if self.saliency_heads == "sum" else f" heads={self.saliency_heads}"
+        return f"layers={layers} k={self.prune_ratio:g} r={self.image_merge_ratio:g} t={self.text_merge_ratio:g}{heads}"
 
     def token_schedule(self, num_text: int, num_image: int, num_layers: int) -> list[tuple[int, int]]:
         """Real (text, image) token counts leaving every layer, for one row without padding.
@@ -127,7 +134,8 @@ def _register(name: str, source: str, **values: Any) -> None:
 
 
 _OFFICIAL = "csarron/PuMer notes/cmd.md"
-_register("vilt-vqa", f"{_OFFICIAL} (vilt-vqa2-pumer)", reduction_layers=(2, 5, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2)
+# The released ViLT VQA run keeps vilt.yaml's first-head saliency (``fh``); VE/NLVR2 pass ``mh``.
+_register("vilt-vqa", f"{_OFFICIAL} (vilt-vqa2-pumer)", reduction_layers=(2, 5, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2, saliency_heads="first")
 _register("vilt-ve", "PuMer Table 4 (PuMer row) / released vilt-ve-p0.1r0.3t0.2-2468", reduction_layers=(2, 4, 6, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2)
 _register("vilt-nlvr2", f"{_OFFICIAL} (vilt-nlvr2-pumer reuses l=2,5,8 k=0.1 r=0.3 t=0.2)", reduction_layers=(2, 5, 8), prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2)
 # METER: the official code counts two layer indices per cross-modal block (text layer, image

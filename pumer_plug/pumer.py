@@ -4,7 +4,8 @@ from __future__ import annotations
 from pumer_plug.config import PumerConfig
 from pumer_plug.method import ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.ops.reduce import bipartite_soft_matching, drop_padding, merge_count, prune_by_score, prune_count
+from pumer_plug.ops.reduce import (bipartite_soft_matching, combine_heads, drop_padding, merge_count, prune_by_score,
+                                   prune_count)
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TEXT, SegmentView, TokenStream
 
@@ -16,7 +17,8 @@ class Pumer(ReductionMethod):
     At a reduction layer an image segment is pruned by text-saliency score (keep the top
     ``1 - k``) and its kept tokens are merged by bipartite soft matching (ratio ``r``); a text
     segment is merged (ratio ``t``). Image and text tokens never merge with each other.
-    Counts per row follow the row's real tokens: ``round(k|V|)`` pruned, ``round(r|V|)`` and
+    Counts per row follow the row's real tokens (rounded half to even, as the released code's
+    ``round()``): ``round(k|V|)`` pruned, ``round(r|V|)`` and
     ``round(t|T|)`` merged, merges capped at half of a segment's mergeable tokens. The image merge
     count is taken of the image tokens *before* pruning, as in the released code
     (``merge_r = round(merge_ratio * image_length)``) and in the FLOPs of the paper's Table 7;
@@ -58,7 +60,8 @@ class Pumer(ReductionMethod):
             return self._merge(layer, view, view.lengths, merged)
         if view.saliency is None:
             raise RuntimeError(f"PuMer: text-saliency scores were not captured at reduction layer {layer}")
-        prune = prune_by_score(view.saliency, view.mask, view.protected, pruned, view.lengths)  # Alg. 1 line 3
+        scores = combine_heads(view.saliency, cfg.saliency_heads)  # PuMer Eq. (1): (B, H, V) -> (B, V)
+        prune = prune_by_score(scores, view.mask, view.protected, pruned, view.lengths)  # Alg. 1 line 3
         kept = tuple(n - k for n, k in zip(view.lengths, pruned))
         after = SegmentView(
             view.segment,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from pumer_plug.ops.plan import ReductionPlan, concat_plans
-from pumer_plug.ops.reduce import text_saliency_score
+from pumer_plug.ops.reduce import text_saliency_per_head
 
 TEXT, IMAGE, MIXED = "text", "image", "mixed"
 
@@ -38,7 +38,8 @@ class SegmentView:
     """The tensors of one segment, sliced out of its stream.
 
     Shapes:
-        keys (B, n, C) or None, mask (B, n) bool, protected (B, n) bool, saliency (B, n) or None;
+        keys (B, n, C) or None, mask (B, n) bool, protected (B, n) bool, saliency (B, H, n) or None
+        (text-saliency per head, combined by the method);
         lengths: real tokens per row (host ints).
     """
 
@@ -75,7 +76,7 @@ class TokenStream:
         self.lengths = [tuple(n) for n in lengths]
         self.size: torch.Tensor | None = None  # (B, N, 1) float32; None while every size is 1
         self.keys: torch.Tensor | None = None  # (B, N, C), captured at a reduction layer
-        self.saliency: torch.Tensor | None = None  # (B, V), over the image segment
+        self.saliency: torch.Tensor | None = None  # (B, H, V) per head, over the image segment
         self.hidden: torch.Tensor | None = None  # (B, N, C) token features at a reduction layer (DynamicViT)
         self.bias_cache: torch.Tensor | None = None
 
@@ -108,8 +109,13 @@ class TokenStream:
         self.keys = keys.view(B, N, num_heads, C // num_heads).mean(dim=2)  # (B, N, C/H)
 
     def set_text_saliency(self, attn: torch.Tensor, text_mask: torch.Tensor) -> None:
-        """Stores PuMer Eq. (1) scores from text-to-image attention (B, H, T, V) for the image segment."""
-        self.saliency = text_saliency_score(attn, text_mask)
+        """Stores PuMer Eq. (1) scores per head from text-to-image attention for the image segment;
+        the method combines the heads (:func:`~pumer_plug.ops.reduce.combine_heads`).
+
+        Shapes:
+            attn (B, H, T, V), text_mask (B, T) -> stored (B, H, V)
+        """
+        self.saliency = text_saliency_per_head(attn, text_mask)
 
     def views(self) -> list[SegmentView]:
         """Slices keys, masks and scores per segment."""

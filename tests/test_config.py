@@ -48,3 +48,11 @@ def test_schedule_shrinks_only_at_reduction_layers():
     assert counts[2] == counts[1]
     assert counts[3][1] < counts[2][1]
     assert PumerConfig((0,), 0, 0, 0).token_schedule(40, 241, 2) == [(40, 241), (40, 241)]
+
+
+def test_saliency_heads_is_validated_and_described():
+    with pytest.raises(ValueError, match="saliency_heads"):
+        PumerConfig(saliency_heads="mean")
+    assert PumerConfig.preset("vilt-vqa").saliency_heads == "first"  # released ViLT VQA default
+    assert "heads=first" in PumerConfig.preset("vilt-vqa").describe()
+    assert "heads" not in PumerConfig.preset("vilt-ve").describe()

@@ -15,13 +15,14 @@ from pumer_plug.ops.reduce import (
 )
 
 
-def loop_saliency(attn, text_mask):
+def loop_saliency(attn, text_mask, heads=None):
     B, H, T, V = attn.shape
+    heads = range(H) if heads is None else heads
     out = torch.zeros(B, V, dtype=torch.float64)
     for b in range(B):
         real = [t for t in range(T) if text_mask[b, t]]
         for v in range(V):
-            out[b, v] = sum(float(attn[b, h, t, v]) for h in range(H) for t in real) / len(real)
+            out[b, v] = sum(float(attn[b, h, t, v]) for h in heads for t in real) / len(real)
     return out
 
 
@@ -30,6 +31,12 @@ def test_text_saliency_matches_loop_reference():
     attn = torch.rand(3, 2, 5, 7, generator=g).softmax(-1)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     torch.testing.assert_close(text_saliency_score(attn, mask).double(), loop_saliency(attn, mask))
+    torch.testing.assert_close(text_saliency_score(attn, mask, heads="first").double(), loop_saliency(attn, mask, [0]))
+
+
+def test_text_saliency_rejects_unknown_head_mode():
+    with pytest.raises(ValueError, match="saliency heads must be one of"):
+        text_saliency_score(torch.rand(1, 2, 3, 4), torch.ones(1, 3, dtype=torch.bool), heads="mean")
 
 
 def test_text_saliency_ignores_padding_text_tokens():
@@ -42,7 +49,8 @@ def test_text_saliency_ignores_padding_text_tokens():
 
 
 def test_counts_follow_the_paper_and_are_capped():
-    assert prune_count(145, 0.1, 1) == 15  # round(k|V|)
+    assert prune_count(145, 0.1, 1) == 14  # round(k|V|), half to even as the released code: 14.5 -> 14
+    assert prune_count(155, 0.1, 1) == 16  # 15.5 -> 16
     assert merge_count(130, 0.3, 1) == 39  # round(r|X|)
     assert merge_count(10, 0.9, 1) == 4  # capped at half of the 9 mergeable tokens
     assert prune_count(3, 0.9, 1) == 2  # protected token always kept

@@ -15,41 +15,69 @@ import torch
 from pumer_plug.ops.plan import ReductionPlan, compact_plan
 
 
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
 def prune_count(num_tokens: int, prune_ratio: float, num_protected: int) -> int:
     """Image tokens pruned from a row with ``num_tokens`` real tokens (PuMer Alg. 1 line 2).
 
     ``k' = (1 - k)|V|`` tokens are kept; protected tokens are always kept, so at most
-    ``num_tokens - num_protected`` tokens are pruned.
+    ``num_tokens - num_protected`` tokens are pruned. Rounds as the released code does, with
+    Python's ``round()`` (half to even): 0.1 x 145 = 14.5 -> 14.
     """
-    return max(0, min(round_half_up(prune_ratio * num_tokens), num_tokens - num_protected))
+    return max(0, min(round(prune_ratio * num_tokens), num_tokens - num_protected))
 
 
 def merge_count(num_tokens: int, merge_ratio: float, num_protected: int) -> int:
     """Tokens removed by merging in a row with ``num_tokens`` real tokens (PuMer Alg. 1 line 8).
 
     ``r' = r|X|``, capped, as in ToMe, at half of the mergeable tokens: bipartite matching can
-    remove at most one token per edge and each side holds half of them.
+    remove at most one token per edge and each side holds half of them. Rounds half to even,
+    as the released code does (``round(merge_ratio * length)``).
     """
-    return max(0, min(round_half_up(merge_ratio * num_tokens), (num_tokens - num_protected) // 2))
+    return max(0, min(round(merge_ratio * num_tokens), (num_tokens - num_protected) // 2))
 
 
-def text_saliency_score(attn: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-    """Text-saliency score of every image token, PuMer Eq. (1).
+SALIENCY_HEADS = ("sum", "first")
 
-    Text-to-image attention summed over heads and averaged over the real text tokens only, so
-    padding text tokens never change a score.
+
+def text_saliency_per_head(attn: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Text-to-image attention of every head averaged over the real text tokens (PuMer Eq. 1
+    before the sum over heads); padding text tokens never change a score.
 
     Shapes:
-        attn (B, H, T, V), text_mask (B, T) -> (B, V)
+        attn (B, H, T, V), text_mask (B, T) -> (B, H, V) float32
     """
     with torch.no_grad():
-        weight = text_mask.to(attn.dtype)  # (B, T)
+        weight = text_mask.float()  # (B, T)
         weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
-        return torch.einsum("bhtv,bt->bv", attn, weight)  # PuMer Eq. (1)
+        return torch.einsum("bhtv,bt->bhv", attn.float(), weight)
+
+
+def combine_heads(per_head: torch.Tensor, heads: str = "sum") -> torch.Tensor:
+    """Text-saliency score from per-head scores: summed over heads (PuMer Eq. 1; the released
+    code's ``mh`` mean ranks the same) or the first head only (released ``fh``, its ViLT VQA default).
+
+    Shapes:
+        per_head (B, H, V) -> (B, V)
+
+    Raises:
+        ValueError: ``heads`` is not one of ``SALIENCY_HEADS``.
+    """
+    if heads == "sum":
+        return per_head.sum(dim=1)
+    if heads == "first":
+        return per_head[:, 0]
+    raise ValueError(f"saliency heads must be one of {SALIENCY_HEADS}, got {heads!r}")
+
+
+def text_saliency_score(attn: torch.Tensor, text_mask: torch.Tensor, heads: str = "sum") -> torch.Tensor:
+    """Text-saliency score of every image token, PuMer Eq. (1).
+
+    Text-to-image attention averaged over the real text tokens only (so padding text tokens never
+    change a score) and summed over heads, or taken from the first head (``heads="first"``).
+
+    Shapes:
+        attn (B, H, T, V), text_mask (B, T) -> (B, V) float32
+    """
+    return combine_heads(text_saliency_per_head(attn, text_mask), heads)  # PuMer Eq. (1)
 
 
 def prune_by_score(

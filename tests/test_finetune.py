@@ -14,9 +14,9 @@ from transformers import ViltConfig, ViltForQuestionAnswering
 
 from pumer_plug import PumerConfig
 from pumer_plug.baselines.dynamicvit import DynamicViTConfig
-from pumer_plug.evaluation.finetune import (FinetuneConfig, _Trainer, attach_finetuned, finetune, load_finetuned,
-                                            train_batches_of)
-from pumer_plug.evaluation.tasks import classification_accuracy
+from pumer_plug.evaluation.tasks import Task, classification_accuracy
+from pumer_plug.evaluation.training.finetune import (FinetuneConfig, _Trainer, attach_finetuned, finetune,
+                                                     load_finetuned, train_batches_of)
 
 NUM_LABELS = 5
 
@@ -44,13 +44,14 @@ def take(data, index) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return {k: v[index] for k, v in inputs.items()}, targets[index]
 
 
-class TinyTask:
-    """The EvalTask protocol plus ``train_batches``; ``fail_at`` raises at that train-batch access."""
+class TinyTask(Task):
+    """A trainable Task; ``fail_at`` raises at that train-batch access."""
 
     name = "tiny"
     adapter = "vilt"
 
     def __init__(self, num_train: int = 24, fail_at: int | None = None, val_accuracies: list[float] | None = None):
+        super().__init__()
         self.train = make_examples(num_train, 0)
         self.val = make_examples(16, 1)
         self.fail_at, self.accesses = fail_at, 0
@@ -59,12 +60,12 @@ class TinyTask:
     def load_model(self, device):
         return tiny_model().to(device)
 
-    def train_batches(self, batch_size, seed):
+    def train_batches(self, batch_size, seed, num_examples):
         order = torch.randperm(len(self.train[1]), generator=torch.Generator().manual_seed(seed % 2**31))
         return _Batches(self, [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)])
 
-    def batches(self, split, batch_size):
-        return [take(self.val, slice(i, i + batch_size)) for i in range(0, 16, batch_size)]
+    def batches(self, split, batch_size, num_examples=None):
+        return [take(self.val, slice(i, i + batch_size)) for i in range(0, num_examples or 16, batch_size)]
 
     def accuracy(self, model, batches):
         if self.val_accuracies is not None:
@@ -168,7 +169,7 @@ def test_bad_settings_name_the_field_and_untrainable_tasks_are_refused():
     with pytest.raises(ValueError, match="mixed_precision"):
         FinetuneConfig(mixed_precision="fp8")
 
-    class EvalOnly:
+    class EvalOnly(Task):
         name = "eval-only"
 
     with pytest.raises(ValueError, match="train_batches"):

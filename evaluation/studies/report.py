@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from tabulate import tabulate
 
-from .measure import MEMORY_METHODS
+from pumer_plug.evaluation.measure import MEMORY_METHODS
 
 # Printed header -> row key, in the printed order.
 TABLE_COLUMNS: dict[str, str] = {

@@ -22,11 +22,11 @@ from .flops import measure_flops, measure_flops_by_module
 from .memory import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, MEMORY_METHODS, MIB, LiveStorageTracker, MemoryResult,
                      measure_peak_memory, weights_bytes)
 from .throughput import ThroughputResult, measure_throughput
-from .variants import AttachFn, Batch, Variant, attached, batch_size_of, cast_floats, inference
+from .variants import DTYPES, AttachFn, Batch, Variant, attached, batch_size_of, inference, to_device
 
 __all__ = [
     "find_batch_size", "search_batch_size", "environment_record", "measure_flops", "measure_flops_by_module",
     "CPU_MEMORY_METHOD", "CUDA_MEMORY_METHOD", "MEMORY_METHODS", "MIB", "LiveStorageTracker", "MemoryResult",
     "measure_peak_memory", "weights_bytes", "ThroughputResult", "measure_throughput", "AttachFn", "Batch",
-    "Variant", "attached", "batch_size_of", "cast_floats", "inference",
+    "DTYPES", "Variant", "attached", "batch_size_of", "inference", "to_device",
 ]

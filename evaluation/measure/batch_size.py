@@ -8,7 +8,7 @@ from torch import nn
 
 from pumer_plug.errors import UserError
 
-from .variants import AttachFn, Batch, _resolve_device, _synchronize, _to_device, attached, inference
+from .variants import AttachFn, Batch, _resolve_device, _synchronize, to_device, attached, inference
 
 def search_batch_size(fits: Callable[[int], bool], start: int = 1,
                       max_batch_size: int = 4096) -> int:
@@ -43,7 +43,7 @@ def _forward(model: nn.Module, make_batch: Callable[[int], Batch], attach: Attac
              device: torch.device, batch_size: int) -> None:
     """One inference forward at ``batch_size``; raises whatever running out of memory raises."""
     with inference(model), attached(model, attach):
-        model(**_to_device(make_batch(batch_size), device))
+        model(**to_device(make_batch(batch_size), device))
     _synchronize(device)
 
 

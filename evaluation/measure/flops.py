@@ -6,12 +6,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .variants import AttachFn, Batch, _resolve_device, _to_device, attached, batch_size_of, inference
+from .variants import AttachFn, Batch, _resolve_device, to_device, attached, batch_size_of, inference
 
 
 def _count_flops(model: nn.Module, batch: Batch, attach: AttachFn | None,
                  device: torch.device | str | None) -> tuple[FlopCounterMode, int]:
-    batch = _to_device(batch, _resolve_device(model, device))
+    batch = to_device(batch, _resolve_device(model, device))
     # FlopCounterMode has no formula for the fused CPU/flash SDPA kernels and would silently skip
     # attention; the math backend is counted op by op.
     with inference(model), attached(model, attach), sdpa_kernel([SDPBackend.MATH]), \

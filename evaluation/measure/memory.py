@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .variants import AttachFn, Batch, _resolve_device, _to_device, attached, inference
+from .variants import AttachFn, Batch, _resolve_device, to_device, attached, inference
 
 MIB = 2**20
 CPU_MEMORY_METHOD = "dispatch_live_storages"
@@ -110,7 +110,7 @@ def measure_peak_memory(model: nn.Module, batch: Batch, attach: AttachFn | None 
     of live tensor storages (``CPU_MEMORY_METHOD``). ``MEMORY_METHODS`` describes both.
     """
     device = _resolve_device(model, device)
-    batch = _to_device(batch, device)
+    batch = to_device(batch, device)
     weights_mib = weights_bytes(model) / MIB
     with inference(model), attached(model, attach):
         model(**batch)  # warm-up: lazy caches and kernel setup are not counted

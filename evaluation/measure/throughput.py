@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .variants import Batch, Variant, _resolve_device, _synchronize, _to_device, attached, batch_size_of, inference
+from .variants import Batch, Variant, _resolve_device, _synchronize, to_device, attached, batch_size_of, inference
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def measure_throughput(
     """
     _check_throughput_args(batches, variants, rounds, warmup)
     device = _resolve_device(model, device)
-    batches = [_to_device(b, device) for b in batches]
+    batches = [to_device(b, device) for b in batches]
     examples = sum(batch_size_of(b) for b in batches)
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     with inference(model):

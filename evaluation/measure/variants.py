@@ -10,6 +10,8 @@ from torch import nn
 
 Batch = Mapping[str, Any]
 AttachFn = Callable[[nn.Module], Any]
+#: the dtypes ``--dtype`` offers (``compare``, ``bench``)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,17 @@ def batch_size_of(batch: Batch) -> int:
     raise ValueError(f"the batch holds no tensor (keys: {sorted(batch)}); no batch size")
 
 
-def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def to_device(batch: Batch, device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Returns ``batch`` with its tensors on ``device``; floating-point ones cast to ``dtype`` if given
+    (ids and masks keep their integer types)."""
+    def move(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
+        return value.to(device)
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -85,7 +96,3 @@ def inference(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-
-def cast_floats(batch: Batch, dtype: torch.dtype) -> dict[str, Any]:
-    """Returns ``batch`` with its floating-point tensors cast to ``dtype`` (ids and masks unchanged)."""
-    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in batch.items()}

@@ -15,8 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from pumer_plug.evaluation.measure import Variant, cast_floats, environment_record, measure_flops, measure_throughput
-from pumer_plug.evaluation.studies.compare import DTYPES
+from pumer_plug.evaluation.measure import DTYPES, Variant, environment_record, measure_flops, measure_throughput, to_device
 from pumer_plug.handle import apply
 from pumer_plug.registry import BENCH_MODELS
 
@@ -75,7 +74,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
 
     Args:
         device: where the model and batch run ("cpu", "cuda", "cuda:1").
-        dtype: one of ``compare.DTYPES``; the model and the batch's float tensors are cast to it.
+        dtype: one of ``measure.DTYPES``; the model and the batch's float tensors are cast to it.
 
     Returns:
         A JSON-ready dict with ``throughput_increase``, ``flops_ratio``, ``reducer_time_share``,
@@ -84,7 +83,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
     """
     dev, cast = torch.device(device), DTYPES[dtype]
     model = setup.model.to(device=dev, dtype=cast).eval()
-    batch = cast_floats({k: v.to(dev) for k, v in setup.batch.items()}, cast)
+    batch = to_device(setup.batch, dev, cast)
 
     def attach(m: nn.Module):
         return apply(m, adapter=setup.adapter, config=setup.config, method=method)

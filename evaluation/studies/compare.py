@@ -17,14 +17,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
-from pumer_plug.evaluation.measure import (Variant, attached, cast_floats, environment_record, find_batch_size,
-                                           measure_flops, measure_peak_memory, measure_throughput)
+from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environment_record, find_batch_size,
+                                           measure_flops, measure_peak_memory, measure_throughput, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.tasks.base import Batch, Reiterable, Task
+from pumer_plug.evaluation.tasks.base import Task, on_device
 from pumer_plug.handle import apply
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class MethodSpec:
@@ -61,11 +58,6 @@ def _attacher(task: Task, spec: MethodSpec) -> Callable[[nn.Module], Any]:
     return attach
 
 
-def on_device(batches, device: torch.device, dtype: torch.dtype) -> Reiterable:
-    """``batches`` moved to ``device`` one at a time, float inputs cast to ``dtype`` (re-iterable)."""
-    return Reiterable(lambda: ((cast_floats(_to(x, device), dtype), y.to(device)) for x, y in batches))
-
-
 def load_model(task: Task, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The task's model on ``device`` in eval mode, cast to ``dtype``."""
     return task.load_model(device).to(dtype=dtype).eval()
@@ -82,7 +74,7 @@ def largest_batch_size(task: Task, model: nn.Module, device: torch.device, dtype
 
     def make_batch(batch_size: int) -> dict[str, torch.Tensor]:
         inputs, _ = next(iter(task.batches("test", batch_size, batch_size)))
-        return cast_floats(inputs, dtype)
+        return to_device(inputs, device, dtype)
 
     return find_batch_size(model, make_batch, None, device=device)
 
@@ -130,6 +122,3 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     return compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)
 
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -56,9 +56,8 @@ from tqdm.auto import tqdm
 from pumer_plug.config import read_config_file
 from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_peak_memory, measure_throughput
-from pumer_plug.evaluation.studies.compare import on_device
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.tasks.base import Task, load_config
+from pumer_plug.evaluation.tasks.base import Task, load_config, on_device
 from pumer_plug.evaluation.training.finetune import (FinetuneConfig, attach_finetuned, config_to_dict, finetune,
                                                      load_finetuned)
 from pumer_plug.handle import apply

@@ -79,6 +79,13 @@ class Reiterable:
         return self.make()
 
 
+def on_device(batches: Iterable[Batch], device: torch.device | str, dtype: torch.dtype | None = None) -> Reiterable:
+    """``batches`` moved to ``device`` one batch at a time (float inputs cast to ``dtype`` if given), re-iterable."""
+    from pumer_plug.evaluation.measure.variants import to_device
+
+    return Reiterable(lambda: ((to_device(x, device, dtype), y.to(device)) for x, y in batches))
+
+
 def load_config(method: str, spec: Any = None) -> Any:
     """Returns ``method``'s config from user input (preset, file, mapping, config or None).
 

@@ -60,7 +60,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
-from pumer_plug.evaluation.tasks.base import Reiterable, Task, load_config
+from pumer_plug.evaluation.tasks.base import Task, load_config, on_device
 from pumer_plug.handle import ReductionHandle, apply
 
 from .finetune_config import DENSE, MIXED_PRECISION, FinetuneConfig, FinetuneResult, config_to_dict
@@ -177,7 +177,7 @@ class _Trainer:
     def evaluate(self) -> float:
         """Val accuracy with the method attached (eval mode); every process takes the main process's value."""
         device = self.accelerator.device
-        batches = Reiterable(lambda: ((_to(x, device), y.to(device)) for x, y in self.val))
+        batches = on_device(self.val, device)
         accuracy = float(self.task.accuracy(self.accelerator.unwrap_model(self.student).backbone, batches))
         if self.accelerator.num_processes > 1:  # GPU kernels may differ in the last bit; decide together
             from accelerate.utils import broadcast_object_list
@@ -329,10 +329,6 @@ class _Trainer:
         if self.handle is not None:
             self.handle.remove()
 
-
-
-def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def _result(output_dir: Path, state: dict[str, Any]) -> FinetuneResult:

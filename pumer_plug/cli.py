@@ -106,7 +106,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.studies.bench import run_bench
+    from pumer_plug.evaluation.studies.bench import run_bench  # registers the bench models
     from pumer_plug.evaluation.tasks import load_config
     from pumer_plug.registry import BENCH_MODELS
 
@@ -147,9 +147,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from pumer_plug import PumerConfig, list_adapters, list_methods
+    from pumer_plug.evaluation.studies import bench  # noqa: F401  (registers the bench models)
+    from pumer_plug.evaluation.tasks import TASKS
+    from pumer_plug.registry import BENCH_MODELS
 
     print("methods: ", ", ".join(list_methods()))
     print("adapters:", ", ".join(list_adapters()))
+    print("tasks:   ", ", ".join(TASKS.list()))
+    print("bench models:", ", ".join(BENCH_MODELS.list()))
     print("PuMer presets:")
     for name in PumerConfig.list_presets():
         print(f"  {name:16s} {PumerConfig.preset(name).describe():40s} source: {PumerConfig.PRESET_SOURCES[name]}")
@@ -261,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="dense model vs. reduction methods on a task (accuracy, throughput, memory, FLOPs)",
                        description="Evaluate the dense model and each method on the task's test split; print a table and write results.jsonl/results.md.")
-    p.add_argument("--task", default="builtin", help="task name (default: builtin, the digits VQA task trained here)")
+    p.add_argument("--task", default="builtin", help="registered task (pumer-plug list; default: builtin, the digits VQA task trained here)")
     p.add_argument("--methods", default="dense,pumer", help="comma-separated methods from the registry (default: dense,pumer)")
     p.add_argument("--config", action="append", metavar="[METHOD=]PRESET_OR_FILE",
                    help="method config: a preset name or a JSON/YAML file; repeatable; default: the task's preset per method")

@@ -106,3 +106,34 @@ def test_cache_folder_is_the_platform_user_cache_unless_overridden(monkeypatch, 
     assert builtin.builtin_model_dir() == tmp_path / "xdg" / "pumer-plug" / builtin.BUILTIN_NAME
     monkeypatch.setenv(builtin.CACHE_ENV_VAR, str(tmp_path / "override"))
     assert builtin.builtin_model_dir() == tmp_path / "override" / builtin.BUILTIN_NAME
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_find_batch_size_returns_the_largest_batch_that_fits_on_cuda():
+    from pumer_plug.evaluation.measure import batch_size as search
+
+    per_example = torch.cuda.mem_get_info()[0] // 10  # about 9 examples fit
+
+    class Hungry(torch.nn.Module):
+        def forward(self, x):
+            scratch = torch.empty(x.shape[0], per_example, dtype=torch.uint8, device=x.device)
+            return x + scratch[:, :1]
+
+    model = Hungry()
+    make_batch = lambda bs: {"x": torch.zeros(bs, 1, dtype=torch.uint8)}  # noqa: E731
+    found = search.find_batch_size(model, make_batch, device="cuda", max_batch_size=64)
+    fits = search._oom_probe(model, make_batch, None, torch.device("cuda"))
+    assert 5 <= found < 10 and fits(found) and not fits(found + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compare_finds_the_batch_size_and_runs_in_half_precision_on_cuda():
+    from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
+    from tests.test_finetune import TinyTask
+
+    task = TinyTask()
+    rows = run_compare(task, [MethodSpec("pumer", task.default_config("pumer"))], batch_size=None, device="cuda",
+                       rounds=1, timing_batches=1, progress=False, dtype="float16")
+    assert rows[0]["batch_size"] >= 16 and rows[0]["dtype"] == "float16" and rows[0]["device"].startswith("cuda")

@@ -48,3 +48,14 @@ def test_compare_reports_the_tasks_own_metric_and_writes_predictions(tmp_path):
     lines = (tmp_path / "predictions-pumer.jsonl").read_text().splitlines()
     assert len(lines) == 16 and set(json.loads(lines[0])) == {"index", "output", "target"}
     assert (tmp_path / "predictions-dense.jsonl").exists()
+
+
+def test_a_method_config_that_does_not_fit_the_model_is_a_user_error(tmp_path):
+    from pumer_plug import PumerConfig
+    from pumer_plug.evaluation.training.finetune import FinetuneConfig, finetune
+
+    beyond = PumerConfig(reduction_layers=(5,))  # the tiny model has 2 layers
+    with pytest.raises(UserError, match="pumer on this model: .*beyond"):
+        run_compare(TinyTask(), [MethodSpec("pumer", beyond)], batch_size=8, rounds=1, timing_batches=1, progress=False)
+    with pytest.raises(UserError, match="beyond"):
+        finetune(TinyTask(), FinetuneConfig(method="pumer", method_config=beyond), tmp_path, progress=False)

@@ -20,8 +20,7 @@ from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environment_record, find_batch_size,
                                            measure_flops, measure_peak_memory, measure_throughput, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.tasks.base import Task, on_device
-from pumer_plug.handle import apply
+from pumer_plug.evaluation.tasks.base import Task, attach_method, on_device
 
 @dataclass
 class MethodSpec:
@@ -35,14 +34,6 @@ class MethodSpec:
         return self.config.describe()
 
 
-def plug(model: nn.Module, adapter: str, method: str, config: Any):
-    """``apply()`` whose refusals (a config that does not fit the model) are user errors."""
-    try:
-        return apply(model, adapter=adapter, config=config, method=method)
-    except ValueError as error:
-        raise UserError(f"{method} on this model: {error}") from error
-
-
 def make_variants(task: Task, specs: Sequence[MethodSpec]) -> list[Variant]:
     """The dense model first, then one variant per method (each attaches with ``apply``)."""
     variants = [Variant("dense", "-", None)]
@@ -53,7 +44,7 @@ def make_variants(task: Task, specs: Sequence[MethodSpec]) -> list[Variant]:
 
 def _attacher(task: Task, spec: MethodSpec) -> Callable[[nn.Module], Any]:
     def attach(model: nn.Module):
-        return plug(model, task.adapter, spec.method, spec.config)
+        return attach_method(model, task.adapter, spec.method, spec.config)
 
     return attach
 

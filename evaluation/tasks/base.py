@@ -98,6 +98,21 @@ def load_config(method: str, spec: Any = None) -> Any:
         raise UserError(str(error)) from error
 
 
+def attach_method(model: nn.Module, adapter: str, method: str, config: Any) -> Any:
+    """``pumer_plug.apply()`` for user input: its refusals (a config or adapter that does not fit
+    the model) become one-line user errors naming the method.
+
+    Raises:
+        UserError: ``apply()`` refused the combination.
+    """
+    from pumer_plug.handle import apply
+
+    try:
+        return apply(model, adapter=adapter, config=config, method=method)
+    except ValueError as error:
+        raise UserError(f"{method} on this model: {error}") from error
+
+
 class Task:
     """Base class of evaluation tasks (see the module docstring for what to override).
 

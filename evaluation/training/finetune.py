@@ -60,8 +60,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
-from pumer_plug.evaluation.tasks.base import Task, load_config, on_device
-from pumer_plug.handle import ReductionHandle, apply
+from pumer_plug.evaluation.tasks.base import Task, attach_method, load_config, on_device
+from pumer_plug.handle import ReductionHandle
 
 from .finetune_config import DENSE, MIXED_PRECISION, FinetuneConfig, FinetuneResult, config_to_dict
 from .finetune_data import Batch, EpochBatches, single_batch, train_batches_of
@@ -123,7 +123,7 @@ class _Trainer:
         if config.method_name is not None:
             spec = config.method_config if config.method_config is not None else task.default_config(config.method_name)
             self.method_config = load_config(config.method_name, spec)
-            self.handle = apply(model, adapter=task.adapter, config=self.method_config, method=config.method_name)
+            self.handle = attach_method(model, task.adapter, config.method_name, self.method_config)
         self.backbone = model
         try:
             self.val = task.batches("val", config.eval_batch_size, config.num_val_examples)

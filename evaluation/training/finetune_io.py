@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from pumer_plug.errors import UserError
-from pumer_plug.evaluation.tasks.base import load_config
-from pumer_plug.handle import apply
+from pumer_plug.evaluation.tasks.base import attach_method, load_config
 
 CHECKPOINT = "checkpoint"
 #: the method's ``state_dict()`` (DynamicViT's predictors; the name older runs used)
@@ -108,7 +107,7 @@ def attach_finetuned(model: nn.Module, path: str | Path, adapter: str | None = N
     if spec["method"] == "dense":
         return contextlib.nullcontext()
     config = load_config(spec["method"], spec["config"])
-    handle = apply(model, adapter=adapter or spec["adapter"], config=config, method=spec["method"])
+    handle = attach_method(model, adapter or spec["adapter"], spec["method"], config)
     if spec["state"]:
         from safetensors.torch import load_file
 

@@ -262,6 +262,7 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pumer-plug", description="Plug-in token reduction (PuMer) for vision-language transformers.")
+    parser.set_defaults(num_threads=None)  # commands without --num-threads (plot, list)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compare", help="dense model vs. reduction methods on a task (accuracy, throughput, memory, FLOPs)",
@@ -382,7 +383,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "num_threads", None):
+    if args.num_threads:
         torch.set_num_threads(args.num_threads)
     old_show_warning = warnings.showwarning
     warnings.showwarning = _one_line_warnings(old_show_warning)

@@ -59,3 +59,8 @@ def test_a_method_config_that_does_not_fit_the_model_is_a_user_error(tmp_path):
         run_compare(TinyTask(), [MethodSpec("pumer", beyond)], batch_size=8, rounds=1, timing_batches=1, progress=False)
     with pytest.raises(UserError, match="beyond"):
         finetune(TinyTask(), FinetuneConfig(method="pumer", method_config=beyond), tmp_path, progress=False)
+
+
+def test_the_builtin_task_states_its_default_test_size():
+    assert TASKS.get("builtin")().options.num_test_examples == 1000  # recorded with sweep results
+    assert TASKS.get("builtin")(TaskOptions(num_test_examples=300)).options.num_test_examples == 300

@@ -5,6 +5,7 @@ The model and its cache are in :mod:`~pumer_plug.evaluation.tasks.builtin`, the 
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -58,13 +59,16 @@ class BuiltinDigitsTask(Task):
 
     def __init__(self, options: TaskOptions | None = None):
         super().__init__(options)
+        # results record the test size; state the default instead of None
+        self.options = dataclasses.replace(self.options,
+                                           num_test_examples=self.options.num_test_examples or builtin.NUM_TEST_EXAMPLES)
         self._retrain = self.options.retrain
         self._tokenizer = None
 
     @property
     def split_sizes(self) -> dict[str, int]:
         return {"train": NUM_TRAIN_EXAMPLES, "val": builtin.NUM_VAL_EXAMPLES,
-                "test": self.options.num_test_examples or builtin.NUM_TEST_EXAMPLES}
+                "test": self.options.num_test_examples}
 
     def load_model(self, device: torch.device) -> nn.Module:
         model, self._tokenizer = builtin.load_builtin_model(self.options.cache_dir, retrain=self._retrain)

@@ -44,7 +44,7 @@ def test_compare_reports_the_tasks_own_metric_and_writes_predictions(tmp_path):
                        progress=False, predictions_dir=tmp_path)
     model = task.load_model(torch.device("cpu"))
     expected = task.metrics(task.predictions(model, task.batches("test", 8)))["score"]
-    assert rows[0]["accuracy"] == pytest.approx(expected)
+    assert rows[0]["accuracy"] == pytest.approx(expected) and rows[0]["metric"] == "score"
     lines = (tmp_path / "predictions-pumer.jsonl").read_text().splitlines()
     assert len(lines) == 16 and set(json.loads(lines[0])) == {"index", "output", "target"}
     assert (tmp_path / "predictions-dense.jsonl").exists()

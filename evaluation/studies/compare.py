@@ -106,7 +106,7 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     memory = {v.name: measure_peak_memory(model, timing[0], v.attach, device=dev) for v in variants}
     gflops = {v.name: measure_flops(model, timing[0], v.attach, device=dev) for v in variants}
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
-    env["task"] = task.name
+    env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
     return compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)
 

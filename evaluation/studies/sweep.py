@@ -271,7 +271,7 @@ def _reference(task: Task, batch_size: int, timing_batches: int, device: str) ->
     test = on_device(task.batches("test", batch_size), dev, torch.float32)
     env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(), "eager")
     timing = [x for x, _ in itertools.islice(test, timing_batches)]
-    ref = _Reference(task, model, test, timing, dev, {**env, "task": task.name})
+    ref = _Reference(task, model, test, timing, dev, {**env, "task": task.name, "metric": task.metric})
     ref.accuracy = task.accuracy(model, test)
     ref.memory = measure_peak_memory(model, ref.timing[0], None, device=dev)
     ref.gflops = measure_flops(model, ref.timing[0], None, device=dev)

@@ -145,13 +145,15 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
 def test_dynamicvit_predictors_get_gradients_and_are_saved_apart(tmp_path):
     config = small(method="dynamicvit", method_config=DynamicViTConfig(reduction_layers=(0, 1), keep_ratio=0.5), epochs=1)
     trainer = _Trainer(TinyTask(), config, tmp_path / "probe", "cpu", False)
-    trainer.student.train()
-    terms = trainer.losses(*take(TinyTask().train, slice(0, 8)))
-    assert {"task", "distill", "keep_ratio"} <= set(terms)
-    sum(terms.values()).backward()
-    grads = [p.grad for p in trainer.method.modules().parameters()]
-    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    trainer.close()
+    try:  # a failure here must not leave the model plugged for later tests
+        trainer.student.train()
+        terms = trainer.losses(*take(TinyTask().train, slice(0, 8)))
+        assert {"task", "distill", "keep_ratio"} <= set(terms)
+        sum(terms.values()).backward()
+        grads = [p.grad for p in trainer.method.modules().parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    finally:
+        trainer.close()
 
     finetune(TinyTask(), config, tmp_path / "run", progress=False)
     predictors = load_file(tmp_path / "run" / "predictors.safetensors")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -25,8 +26,6 @@ class DatasetBatches(Sequence):
     """Shuffled, equal-sized batches of a :class:`DigitsVQA`, collated on access."""
 
     def __init__(self, dataset: DigitsVQA, batch_size: int, seed: int):
-        import numpy as np
-
         self.dataset, self.batch_size = dataset, batch_size
         self.order = np.random.default_rng(seed).permutation(len(dataset))
 

@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from pumer_plug.errors import UserError
 from pumer_plug.method import ReductionMethod
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """A model does not have the structure an adapter expects (raised at ``apply()`` time)."""
 
 

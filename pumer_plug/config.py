@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pumer_plug.errors import UserError
 from pumer_plug.ops.reduce import SALIENCY_HEADS, merge_count, prune_count
 from pumer_plug.registry import METHODS
 
@@ -16,9 +17,9 @@ from pumer_plug.registry import METHODS
 def check_ratio(owner: str, name: str, value: float) -> None:
     """Raises ValueError unless ``value`` is a ratio in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{owner}.{name} must be a number in [0, 1), got {value!r}")
+        raise UserError(f"{owner}.{name} must be a number in [0, 1), got {value!r}")
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}.{name} must be in [0, 1), got {value!r}")
+        raise UserError(f"{owner}.{name} must be in [0, 1), got {value!r}")
 
 
 def check_layers(owner: str, name: str, layers: Any) -> tuple[int, ...]:
@@ -26,11 +27,11 @@ def check_layers(owner: str, name: str, layers: Any) -> tuple[int, ...]:
     try:
         layers = tuple(layers)
     except TypeError:
-        raise ValueError(f"{owner}.{name} must be a sequence of layer indices, got {layers!r}") from None
+        raise UserError(f"{owner}.{name} must be a sequence of layer indices, got {layers!r}") from None
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-        raise ValueError(f"{owner}.{name} must hold layer indices (ints >= 0), got {layers!r}")
+        raise UserError(f"{owner}.{name} must hold layer indices (ints >= 0), got {layers!r}")
     if list(layers) != sorted(set(layers)):
-        raise ValueError(f"{owner}.{name} must be unique and sorted ascending, got {layers!r}")
+        raise UserError(f"{owner}.{name} must be unique and sorted ascending, got {layers!r}")
     return layers
 
 
@@ -72,9 +73,9 @@ class PumerConfig:
         for name in ("prune_ratio", "image_merge_ratio", "text_merge_ratio"):
             check_ratio("PumerConfig", name, getattr(self, name))
         if not isinstance(self.proportional_attention, bool):
-            raise ValueError(f"PumerConfig.proportional_attention must be a bool, got {self.proportional_attention!r}")
+            raise UserError(f"PumerConfig.proportional_attention must be a bool, got {self.proportional_attention!r}")
         if self.saliency_heads not in SALIENCY_HEADS:
-            raise ValueError(f"PumerConfig.saliency_heads must be one of {SALIENCY_HEADS}, got {self.saliency_heads!r}")
+            raise UserError(f"PumerConfig.saliency_heads must be one of {SALIENCY_HEADS}, got {self.saliency_heads!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "PumerConfig":
@@ -84,7 +85,7 @@ class PumerConfig:
             ValueError: unknown preset, listing the known ones.
         """
         if name not in cls.PRESETS:
-            raise ValueError(f"unknown PuMer preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
+            raise UserError(f"unknown PuMer preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
         return cls(**{**cls.PRESETS[name], **overrides})
 
     @classmethod
@@ -97,7 +98,7 @@ class PumerConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown PumerConfig field(s) {unknown}; fields: {sorted(known)}")
+            raise UserError(f"unknown PumerConfig field(s) {unknown}; fields: {sorted(known)}")
         return cls(**values)
 
     @property
@@ -156,11 +157,11 @@ _register("builtin-digits", "chosen on the built-in model's val split (docs/benc
 def config_from_mapping(config_cls: type, values: Any, source: str) -> Any:
     """Builds ``config_cls`` from a mapping; unknown fields raise ValueError naming them and ``source``."""
     if not isinstance(values, dict):
-        raise ValueError(f"{source}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
+        raise UserError(f"{source}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(fields)}")
+        raise UserError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(fields)}")
     return config_cls(**values)
 
 
@@ -173,7 +174,7 @@ def read_config_file(path: Path) -> Any:
     try:
         text = path.read_text()
     except OSError as err:
-        raise ValueError(f"cannot read config file {path}: {err.strerror or err}") from None
+        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -182,7 +183,7 @@ def read_config_file(path: Path) -> Any:
         return json.loads(text)
     except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"cannot parse config file {path}: {first}") from None
+        raise UserError(f"cannot parse config file {path}: {first}") from None
 
 
 def load_method_config(method: str, spec: Any = None) -> Any:
@@ -207,4 +208,4 @@ def load_method_config(method: str, spec: Any = None) -> Any:
     if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
         return config_from_mapping(config_cls, read_config_file(path), str(path))
     known = ", ".join(sorted(presets)) or "(none)"
-    raise ValueError(f"{spec!r} is neither a {method} preset ({known}) nor a .json/.yaml config file")
+    raise UserError(f"{spec!r} is neither a {method} preset ({known}) nor a .json/.yaml config file")

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .data_files import DataError
 
@@ -164,7 +164,7 @@ def question_accuracy(prediction: str, answers: Sequence[str]) -> float:
 class VqaGroundTruth(Protocol):
     """What the metric reads from a question (a :class:`~.vqav2.VqaExample` has it)."""
 
-    question_id: int
+    question_id: int | str
     answers: Sequence[str]
     answer_type: str | None
     question_type: str | None
@@ -185,7 +185,7 @@ class VqaScore:
     overall: float
     per_answer_type: dict[str, float]
     per_question_type: dict[str, float]
-    per_question: dict[int, float] = field(repr=False)
+    per_question: dict[int | str, float] = field(repr=False)
     num_questions: int
 
     def as_percent(self) -> dict[str, float | dict[str, float]]:
@@ -202,30 +202,17 @@ def _mean(values: list[float]) -> float:
     return float(sum(values)) / len(values)
 
 
-def vqa_accuracy(predictions: Mapping[int, str], questions: Iterable[VqaGroundTruth]) -> VqaScore:
-    """Scores predicted answers on the given questions as the official evaluation does.
-
-    Args:
-        predictions: question id -> predicted answer, one for every question (and no others).
-        questions: the questions with their annotators' answers and types, e.g. a VQAv2 split or
-            its seeded subset.
-
-    Returns:
-        The overall, per-answer-type and per-question-type accuracy.
-
-    Raises:
-        DataError: a question has no prediction or no answers, or a prediction is for a question not
-            given, naming the first offending question id (the official script refuses both too).
-    """
-    per_question: dict[int, float] = {}
+def _score_questions(predictions: Mapping, questions: Iterable, score_one: Callable[[Any, str], float]) -> VqaScore:
+    """Scores every question with ``score_one(question, prediction)`` and averages overall and per type."""
+    per_question: dict = {}
     by_answer_type: dict[str, list[float]] = defaultdict(list)
     by_question_type: dict[str, list[float]] = defaultdict(list)
     for q in questions:
         if q.question_id not in predictions:
             raise DataError(f"no prediction for question {q.question_id}; the results must answer every question scored")
-        if not q.answers:
-            raise DataError(f"question {q.question_id} has no annotated answers (a test split?): write a submission instead")
-        score = question_accuracy(predictions[q.question_id], q.answers)
+        if q.question_id in per_question:
+            raise DataError(f"question {q.question_id} is given twice")
+        score = score_one(q, predictions[q.question_id])
         per_question[q.question_id] = score
         by_answer_type[q.answer_type or "unknown"].append(score)
         by_question_type[q.question_type or "unknown"].append(score)
@@ -241,3 +228,57 @@ def vqa_accuracy(predictions: Mapping[int, str], questions: Iterable[VqaGroundTr
         per_question=per_question,
         num_questions=len(per_question),
     )
+
+
+def vqa_accuracy(predictions: Mapping[int | str, str], questions: Iterable[VqaGroundTruth]) -> VqaScore:
+    """Scores predicted answers on the given questions as the official evaluation does.
+
+    Args:
+        predictions: question id -> predicted answer, one for every question (and no others).
+        questions: the questions with their annotators' answers and types, e.g. a VQAv2 split or
+            its seeded subset.
+
+    Returns:
+        The overall, per-answer-type and per-question-type accuracy.
+
+    Raises:
+        DataError: a question has no prediction or no answers, is given twice, or a prediction is
+            for a question not given, naming the first offending question id (the official script
+            refuses results that do not cover exactly its questions, too).
+    """
+
+    def score_one(q: VqaGroundTruth, prediction: str) -> float:
+        if not q.answers:
+            raise DataError(f"question {q.question_id} has no annotated answers (a test split?): write a submission instead")
+        return question_accuracy(prediction, q.answers)
+
+    return _score_questions(predictions, questions, score_one)
+
+
+class VqaSoftTargets(Protocol):
+    """What :func:`soft_score_accuracy` reads from a question (ViLT arrow records have it)."""
+
+    question_id: int | str
+    answer_scores: Sequence[tuple[str, float]]
+    answer_type: str | None
+    question_type: str | None
+
+
+def soft_score_accuracy(predictions: Mapping[int | str, str], questions: Iterable[VqaSoftTargets]) -> VqaScore:
+    """ViLT's VQA score: each question scores the stored soft score of the predicted answer (0 if absent).
+
+    For sources that keep only soft targets (ViLT's arrow tables). The soft score of an answer given
+    by n annotators (0.3, 0.6, 0.9, 1.0) equals its official accuracy without normalization; answers
+    outside ViLT's label space were dropped when the table was written, so this can differ from
+    :func:`vqa_accuracy` on the JSON files.
+
+    Raises:
+        DataError: as :func:`vqa_accuracy`, with "no soft scores" in place of "no answers".
+    """
+
+    def score_one(q: VqaSoftTargets, prediction: str) -> float:
+        if not q.answer_scores:
+            raise DataError(f"question {q.question_id} has no answer scores (a test split?): write a submission instead")
+        return float(dict(q.answer_scores).get(prediction, 0.0))
+
+    return _score_questions(predictions, questions, score_one)

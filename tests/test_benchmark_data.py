@@ -233,6 +233,25 @@ def test_safe_join(tmp_path):
             safe_join(tmp_path, bad)
 
 
+def test_records_pickle_for_dataloader_workers(tmp_path):
+    """Workers started with ``spawn`` pickle the dataset: every reader's records must survive it."""
+    import pickle
+
+    splits = [
+        read_vqav2(write_vqav2(tmp_path / "a"), "val").examples,
+        read_nlvr2(write_nlvr2(tmp_path / "b"), "dev"),
+        read_snli_ve(write_snli_ve(tmp_path / "c"), "test"),
+        read_custom(write_custom(tmp_path / "d"), "val").examples,
+        read_vqav2_arrow(write_vqav2_arrow(tmp_path / "e"), "val").examples,
+        read_nlvr2_arrow(write_nlvr2_arrow(tmp_path / "f"), "dev"),
+        read_snli_ve_arrow(write_snli_arrow(tmp_path / "g"), "test"),
+        read_f30k_arrow(write_f30k_arrow(tmp_path / "h"), "test").images,
+    ]
+    for records in splits:
+        copy = pickle.loads(pickle.dumps(records))
+        assert len(copy) == len(records) and copy[-1] == records[-1]
+
+
 # ---------------------------------------------------------------- metrics and outputs
 def test_retrieval_recall_hand_computed():
     # 2 images x 4 captions (2 each). Columns: t0, t1 describe image 0; t2, t3 image 1.

@@ -17,7 +17,9 @@ the official one. The NLVR2 tables drop the sentence id: records get ``<pair ide
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .data_files import DataError, LazyRecords, require_file
 from .flickr30k import RetrievalSplit
@@ -56,14 +58,36 @@ def open_arrow_table(path: Path, kind: str):
     return table
 
 
-def _index(table, column: str) -> list[tuple[int, int]]:
-    """(row, position in the row's list) of every text in a list column, in table order."""
-    lengths = [len(texts) for texts in table.column(column).to_pylist()]
-    return [(row, j) for row, n in enumerate(lengths) for j in range(n)]
+class ArrowTable:
+    """A memory-mapped arrow table that pickles as its path (DataLoader workers re-map the file).
 
+    Args:
+        path: the ``.arrow`` file.
+        kind: a key of :data:`ARROW_COLUMNS`, checked on opening.
+    """
 
-def _cell(table, row: int, column: str):
-    return table.column(column)[row].as_py()
+    def __init__(self, path: Path, kind: str):
+        self.path, self.kind = path, kind
+        self._table = open_arrow_table(path, kind)
+
+    @property
+    def table(self):
+        """The ``pyarrow.Table``, mapped on first use in this process."""
+        if self._table is None:
+            self._table = open_arrow_table(self.path, self.kind)
+        return self._table
+
+    def cell(self, row: int, column: str) -> Any:
+        """The Python value of one cell (one image's bytes are read only here)."""
+        return self.table.column(column)[row].as_py()
+
+    def list_index(self, column: str) -> list[tuple[int, int]]:
+        """(row, position in the row's list) of every entry of a list column, in table order."""
+        lengths = [len(texts) for texts in self.table.column(column).to_pylist()]
+        return [(row, j) for row, n in enumerate(lengths) for j in range(n)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "_table": None}
 
 
 def read_vqav2_arrow(data_dir: Path | str, split: str = "val") -> VqaSplit:
@@ -72,70 +96,78 @@ def read_vqav2_arrow(data_dir: Path | str, split: str = "val") -> VqaSplit:
     Raises:
         DataError: as :func:`open_arrow_table`.
     """
-    path = Path(data_dir) / f"vqav2_{split}.arrow"
-    table = open_arrow_table(path, "vqav2")
-    index = _index(table, "questions")
+    table = ArrowTable(Path(data_dir) / f"vqav2_{split}.arrow", "vqav2")
+    index = table.list_index("questions")
+    has_answers = bool(index) and bool(table.cell(index[0][0], "answers"))
+    return VqaSplit(LazyRecords(len(index), partial(_vqa_record, table, index)), split, has_answers, str(table.path))
 
-    def make(i: int) -> VqaExample:
-        row, j = index[i]
-        answers, scores = _cell(table, row, "answers"), _cell(table, row, "answer_scores")
-        pairs = tuple(zip(answers[j], scores[j])) if answers else ()
-        return VqaExample(
-            question_id=_cell(table, row, "question_id")[j],
-            question=_cell(table, row, "questions")[j],
-            image=_cell(table, row, "image"),
-            image_id=_cell(table, row, "image_id"),
-            answer_scores=pairs,
-        )
 
-    has_answers = bool(index) and bool(_cell(table, index[0][0], "answers"))
-    return VqaSplit(LazyRecords(len(index), make), split, has_answers, str(path))
+def _vqa_record(table: ArrowTable, index: list[tuple[int, int]], i: int) -> VqaExample:
+    row, j = index[i]
+    answers, scores = table.cell(row, "answers"), table.cell(row, "answer_scores")
+    return VqaExample(
+        question_id=table.cell(row, "question_id")[j],
+        question=table.cell(row, "questions")[j],
+        image=table.cell(row, "image"),
+        image_id=table.cell(row, "image_id"),
+        answer_scores=tuple(zip(answers[j], scores[j])) if answers else (),
+    )
 
 
 def read_nlvr2_arrow(data_dir: Path | str, split: str = "dev") -> Sequence[Nlvr2Example]:
-    """Reads ViLT's ``nlvr2_<split>.arrow``; identifiers are ``<pair identifier>#<j>``."""
-    table = open_arrow_table(Path(data_dir) / f"nlvr2_{split}.arrow", "nlvr2")
-    index = _index(table, "questions")
+    """Reads ViLT's ``nlvr2_<split>.arrow``; identifiers are ``<pair identifier>#<j>``.
 
-    def make(i: int) -> Nlvr2Example:
-        row, j = index[i]
-        labels = _cell(table, row, "answers")
-        label = str(labels[j]) if labels else None
-        images = (_cell(table, row, "image_0"), _cell(table, row, "image_1"))
-        return Nlvr2Example(f"{_cell(table, row, 'identifier')}#{j}", _cell(table, row, "questions")[j], images, label)
+    Raises:
+        DataError: as :func:`open_arrow_table`.
+    """
+    table = ArrowTable(Path(data_dir) / f"nlvr2_{split}.arrow", "nlvr2")
+    index = table.list_index("questions")
+    return LazyRecords(len(index), partial(_nlvr2_record, table, index))
 
-    return LazyRecords(len(index), make)
+
+def _nlvr2_record(table: ArrowTable, index: list[tuple[int, int]], i: int) -> Nlvr2Example:
+    row, j = index[i]
+    labels = table.cell(row, "answers")
+    images = (table.cell(row, "image_0"), table.cell(row, "image_1"))
+    identifier = f"{table.cell(row, 'identifier')}#{j}"
+    return Nlvr2Example(identifier, table.cell(row, "questions")[j], images, str(labels[j]) if labels else None)
 
 
 def read_snli_ve_arrow(data_dir: Path | str, split: str = "test") -> Sequence[SnliVeExample]:
     """Reads METER's ``snli_<split>.arrow`` (also found as ``snli_ve_<split>.arrow``); ids are ``row<r>#<j>``.
 
     Raises:
-        DataError: as :func:`open_arrow_table`, or a label id outside 0..2.
+        DataError: as :func:`open_arrow_table`; building a record with a label id outside 0..2.
     """
     path = Path(data_dir) / f"snli_{split}.arrow"
     if not path.is_file() and (Path(data_dir) / f"snli_ve_{split}.arrow").is_file():
         path = Path(data_dir) / f"snli_ve_{split}.arrow"
-    table = open_arrow_table(path, "snli")
-    index = _index(table, "sentences")
+    table = ArrowTable(path, "snli")
+    index = table.list_index("sentences")
+    return LazyRecords(len(index), partial(_snli_record, table, index))
 
-    def make(i: int) -> SnliVeExample:
-        row, j = index[i]
-        premise, hypothesis = _cell(table, row, "sentences")[j]
-        label_id = _cell(table, row, "labels")[j]
-        if not 0 <= label_id < len(SNLI_VE_LABELS):
-            raise DataError(f"{path} row {row}: label {label_id} is not 0, 1 or 2")
-        return SnliVeExample(f"row{row}#{j}", hypothesis, _cell(table, row, "image"), f"row{row}",
-                             SNLI_VE_LABELS[label_id], premise)
 
-    return LazyRecords(len(index), make)
+def _snli_record(table: ArrowTable, index: list[tuple[int, int]], i: int) -> SnliVeExample:
+    row, j = index[i]
+    premise, hypothesis = table.cell(row, "sentences")[j]
+    label_id = table.cell(row, "labels")[j]
+    if not 0 <= label_id < len(SNLI_VE_LABELS):
+        raise DataError(f"{table.path} row {row}: label {label_id} is not 0, 1 or 2")
+    return SnliVeExample(f"row{row}#{j}", hypothesis, table.cell(row, "image"), f"row{row}", SNLI_VE_LABELS[label_id], premise)
 
 
 def read_f30k_arrow(data_dir: Path | str, split: str = "test") -> RetrievalSplit:
-    """Reads ViLT's ``f30k_caption_karpathy_<split>.arrow`` into a gallery (images as bytes, all captions kept)."""
-    table = open_arrow_table(Path(data_dir) / f"f30k_caption_karpathy_{split}.arrow", "f30k")
-    captions = table.column("caption").to_pylist()
+    """Reads ViLT's ``f30k_caption_karpathy_<split>.arrow`` into a gallery (images as bytes, all captions kept).
+
+    ViLT's dataset drops exact duplicate captions of an image; here every caption is kept, as in the
+    Karpathy JSON.
+
+    Raises:
+        DataError: as :func:`open_arrow_table`.
+    """
+    table = ArrowTable(Path(data_dir) / f"f30k_caption_karpathy_{split}.arrow", "f30k")
+    captions = table.table.column("caption").to_pylist()
     texts = tuple(c for row in captions for c in row)
     text_image = tuple(i for i, row in enumerate(captions) for _ in row)
-    images = LazyRecords(table.num_rows, lambda i: _cell(table, i, "image"))
-    return RetrievalSplit(tuple(table.column("image_id").to_pylist()), images, texts, text_image)  # type: ignore[arg-type]
+    images = LazyRecords(len(captions), partial(table.cell, column="image"))
+    return RetrievalSplit(tuple(table.table.column("image_id").to_pylist()), images, texts, text_image)

@@ -173,12 +173,11 @@ class ImageDecoder:
         Raises:
             DataError: a missing file, or a corrupt image when not skipping.
         """
-        if isinstance(source, Path) and not source.is_file():
-            return decode_image(source, name, layout)  # raises the missing-file error
         try:
             return decode_image(source, name, layout)
         except DataError:
-            if not self.skip_bad_images:
+            missing = isinstance(source, Path) and not source.is_file()
+            if missing or not self.skip_bad_images:
                 raise
             self.skipped.append(name or str(source if isinstance(source, Path) else "<image bytes>"))
             return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from .data_files import DataError, ImageSource, LazyRecords, iter_jsonl, require_fields, safe_join
@@ -98,8 +99,9 @@ def read_nlvr2(data_dir: Path | str, split: str = "dev") -> Sequence[Nlvr2Exampl
         rows.append((identifier, record["sentence"], None if label is None else str(label),
                      None if directory is None else str(directory)))
 
-    def make(i: int) -> Nlvr2Example:
-        identifier, sentence, label, directory = rows[i]
-        return Nlvr2Example(identifier, sentence, pair_image_paths(data_dir, identifier, directory), label)
+    return LazyRecords(len(rows), partial(_make_example, data_dir, rows))
 
-    return LazyRecords(len(rows), make)
+
+def _make_example(data_dir: Path, rows: list[tuple], i: int) -> Nlvr2Example:
+    identifier, sentence, label, directory = rows[i]
+    return Nlvr2Example(identifier, sentence, pair_image_paths(data_dir, identifier, directory), label)

@@ -46,12 +46,16 @@ class RetrievalScore:
 
 
 def _positions(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rank of every entry along ``dim`` (0 = best), descending score, ties by lower index first."""
-    order = torch.argsort(scores, dim=dim, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    arange = torch.arange(scores.shape[dim]).expand_as(order) if dim == 1 else torch.arange(scores.shape[0])[:, None].expand_as(order)
-    ranks.scatter_(dim, order, arange)
-    return ranks
+    """Rank of every entry along ``dim`` (0 = best): descending score, ties by lower index first.
+
+    Shapes:
+        scores (I, T) -> (I, T)
+    """
+    order = torch.argsort(scores, dim=dim, descending=True, stable=True)  # (I, T) indices along dim
+    shape = [1, 1]
+    shape[dim] = scores.shape[dim]
+    rank = torch.arange(scores.shape[dim]).view(shape).expand_as(order)  # (I, T) position in order
+    return torch.empty_like(order).scatter_(dim, order, rank)
 
 
 def retrieval_recall(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from .data_files import DataError, ImageSource, LazyRecords, iter_jsonl, require_fields, safe_join
@@ -82,8 +83,9 @@ def read_snli_ve(data_dir: Path | str, split: str = "test") -> Sequence[SnliVeEx
         rows.append((pair_id, record["sentence2"], image_id, label, record.get("sentence1")))
     image_dir = find_image_folder(data_dir, SNLI_VE_LAYOUT)
 
-    def make(i: int) -> SnliVeExample:
-        pair_id, hypothesis, image_id, label, premise = rows[i]
-        return SnliVeExample(pair_id, hypothesis, safe_join(image_dir, f"{image_id}.jpg"), image_id, label, premise)
+    return LazyRecords(len(rows), partial(_make_example, image_dir, rows))
 
-    return LazyRecords(len(rows), make)
+
+def _make_example(image_dir: Path, rows: list[tuple], i: int) -> SnliVeExample:
+    pair_id, hypothesis, image_id, label, premise = rows[i]
+    return SnliVeExample(pair_id, hypothesis, safe_join(image_dir, f"{image_id}.jpg"), image_id, label, premise)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from .data_files import DataError, ImageSource, LazyRecords, load_json
@@ -140,15 +141,17 @@ def read_vqav2(data_dir: Path | str, split: str = "val") -> VqaSplit:
         _check_matching(questions, answers, q_path, a_path)
         source += f", {a_path}"
 
-    def make(i: int) -> VqaExample:
-        qid, text, image_id = questions[i]
-        image = image_dir / f"{prefix}{int(image_id):012d}.jpg"
-        if not answers:
-            return VqaExample(qid, text, image, image_id)
-        _, gts, answer_type, question_type = answers[qid]
-        return VqaExample(qid, text, image, image_id, gts, answer_type, question_type)
-
+    make = partial(_make_example, questions, answers, image_dir, prefix)
     return VqaSplit(LazyRecords(len(questions), make), split, a_name is not None, source)
+
+
+def _make_example(questions: list[tuple], answers: dict[int, tuple], image_dir: Path, prefix: str, i: int) -> VqaExample:
+    qid, text, image_id = questions[i]
+    image = image_dir / f"{prefix}{int(image_id):012d}.jpg"
+    if not answers:
+        return VqaExample(qid, text, image, image_id)
+    _, gts, answer_type, question_type = answers[qid]
+    return VqaExample(qid, text, image, image_id, gts, answer_type, question_type)
 
 
 def _check_matching(questions: list[tuple], answers: dict[int, tuple], q_path: Path, a_path: Path) -> None:

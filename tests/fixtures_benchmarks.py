@@ -200,7 +200,7 @@ def write_custom(root: Path, split: str = "val", kind: str = "vqa", num_examples
         if kind == "vqa":
             draw_image(root / "images" / f"img{i}.jpg", i)
             records.append({"id": f"q{i}", "image": f"images/img{i}.jpg", "text": f"What color is box {i}?",
-                            "answers": ["red", "red", "blue"] if i % 2 == 0 else ["blue"]})
+                            "answers": ["red", "red", "blue"] if i % 2 == 0 else ["blue"] * 4})
         else:
             paths = [f"images/pair{i}_{side}.png" for side in ("left", "right")]
             for j, rel in enumerate(paths):

@@ -208,6 +208,11 @@ def test_custom_vqa_and_classification(tmp_path):
     # 3 answers: leave-one-out over 3 subsets of 2: "red" -> (1/3 + 1/3 + 2/3) / 3
     score = vqa_accuracy({"q0": "red"}, vqa.examples[:1])
     assert score.overall == pytest.approx(4 / 9)
+    # 4 copies of the sole answer: every subset of 3 has 3 matches -> 1.0
+    assert vqa_accuracy({"q1": "blue"}, vqa.examples[1:2]).overall == 1.0
+    (tmp_path / "v" / "val.jsonl").write_text(json.dumps({"id": "q", "image": "images/img0.jpg", "text": "t", "answers": ["red"]}) + "\n")
+    with pytest.raises(DataError, match="at least 2 answers"):
+        read_custom(tmp_path / "v", "val")
     cls = read_custom(write_custom(tmp_path / "c", "val", "classification"), "val")
     assert cls.kind == "classification" and cls.labels == ("False", "True") and len(cls.examples[1].images) == 2
 
@@ -217,6 +222,7 @@ def test_custom_vqa_and_classification(tmp_path):
     ({"id": "x", "text": "t", "image": "/etc/passwd", "label": "a"}, "absolute"),
     ({"id": "x", "text": "t", "image": "i.jpg", "answers": ["a"]}, "earlier lines are classification"),
     ({"id": "p0", "text": "t", "image": "i.jpg", "label": "a"}, "id p0 appears twice"),
+    ({"id": "x", "text": "t", "image": "i.jpg", "label": "a", "answers": ["a"]}, "exactly one of"),
 ])
 def test_custom_refuses_bad_lines_naming_them(tmp_path, bad, message):
     write_custom(tmp_path, "val", "classification", num_examples=1)

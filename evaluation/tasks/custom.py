@@ -14,7 +14,9 @@ Classification over one or more images (accuracy; the label must be one of the m
 
     {"id": "p1", "images": ["pairs/a.jpg", "pairs/b.jpg"], "text": "Both images show dogs.", "label": "True"}
 
-All lines of a file are of one kind. ``answer_type`` (VQA) is optional.
+All lines of a file are of one kind. ``answer_type`` (VQA) is optional. A VQA line needs at least
+2 answers (the leave-one-out score of a single answer is always 0); a sole correct answer repeated
+4 times scores 1 when predicted.
 """
 from __future__ import annotations
 
@@ -73,8 +75,9 @@ def _image_paths(data_dir: Path, record: dict[str, Any], where: str) -> tuple[Pa
 
 def _kind(record: dict[str, Any], where: str) -> str:
     if "answers" in record and "label" not in record:
-        if not isinstance(record["answers"], list) or not record["answers"]:
-            raise DataError(f"{where}: \"answers\" must be a non-empty list of strings")
+        if not isinstance(record["answers"], list) or len(record["answers"]) < 2:
+            raise DataError(f"{where}: \"answers\" must list at least 2 answers (VQA accuracy leaves one out; "
+                            "a single answer always scores 0): repeat a sole correct answer 4 times for full credit")
         return "vqa"
     if "label" in record and "answers" not in record:
         return "classification"
@@ -86,7 +89,7 @@ def read_custom(data_dir: Path | str, split: str) -> CustomSplit:
 
     Raises:
         DataError: the file is missing (naming the layout); a line lacks a field, repeats an id,
-            mixes kinds with earlier lines, gives a VQA question several images, or has an image path
+            mixes kinds with earlier lines, gives a VQA question several images or fewer than 2 answers, or has an image path
             that leaves the data folder (naming the id).
     """
     data_dir = Path(data_dir)

@@ -220,7 +220,7 @@ def test_custom_vqa_and_classification(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ({"id": "x", "text": "t", "image": "../outside.jpg", "label": "a"}, "leaves the data folder"),
     ({"id": "x", "text": "t", "image": "/etc/passwd", "label": "a"}, "absolute"),
-    ({"id": "x", "text": "t", "image": "i.jpg", "answers": ["a"]}, "earlier lines are classification"),
+    ({"id": "x", "text": "t", "image": "i.jpg", "answers": ["a", "a"]}, "earlier lines are classification"),
     ({"id": "p0", "text": "t", "image": "i.jpg", "label": "a"}, "id p0 appears twice"),
     ({"id": "x", "text": "t", "image": "i.jpg", "label": "a", "answers": ["a"]}, "exactly one of"),
 ])

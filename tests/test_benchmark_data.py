@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -210,6 +209,8 @@ def test_custom_vqa_and_classification(tmp_path):
     assert score.overall == pytest.approx(4 / 9)
     # 4 copies of the sole answer: every subset of 3 has 3 matches -> 1.0
     assert vqa_accuracy({"q1": "blue"}, vqa.examples[1:2]).overall == 1.0
+    path = write_vqa_results(RunOutputs(tmp_path / "out"), "dense", "val", {"q1": "blue", "q0": "red"})
+    assert read_vqa_results(path) == {"q0": "red", "q1": "blue"}
     (tmp_path / "v" / "val.jsonl").write_text(json.dumps({"id": "q", "image": "images/img0.jpg", "text": "t", "answers": ["red"]}) + "\n")
     with pytest.raises(DataError, match="at least 2 answers"):
         read_custom(tmp_path / "v", "val")

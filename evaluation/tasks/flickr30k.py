@@ -70,8 +70,8 @@ def read_flickr30k(data_dir: Path | str, split: str = "test") -> RetrievalSplit:
     for entry in entries:
         if entry.get("split") != split:
             continue
-        if "filename" not in entry or not entry.get("sentences"):
-            raise DataError(f"{path}: image {entry.get('imgid', entry.get('filename', '?'))} has no filename or captions")
+        if "filename" not in entry or not entry.get("sentences") or any("raw" not in c for c in entry["sentences"]):
+            raise DataError(f"{path}: image {entry.get('imgid', entry.get('filename', '?'))} has no filename or raw captions")
         images.append(safe_join(image_dir, entry["filename"]))
         image_ids.append(entry["filename"])
         for sentence in entry["sentences"]:

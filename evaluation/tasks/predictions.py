@@ -78,20 +78,22 @@ class RunOutputs:
         return path
 
 
-def write_vqa_results(outputs: RunOutputs, method: str, split: str, answers: Mapping[int, str]) -> Path:
+def write_vqa_results(outputs: RunOutputs, method: str, split: str, answers: Mapping[int | str, str]) -> Path:
     """Writes VQA answers in the official results format, ordered by question id.
 
     Args:
-        answers: question id -> answer string.
+        answers: question id -> answer string (VQAv2 ids are ints; a custom set's may be strings,
+            written as given).
 
     Returns:
         The path of ``vqav2_<split>_results.json``.
     """
-    results = [{"question_id": int(qid), "answer": str(answers[qid])} for qid in sorted(answers)]
+    ordered = sorted(answers, key=lambda qid: (isinstance(qid, str), qid))  # ints first, then strings
+    results = [{"question_id": qid, "answer": str(answers[qid])} for qid in ordered]
     return outputs.write_text(method, f"vqav2_{split}_results.json", json.dumps(results))
 
 
-def read_vqa_results(path: Path | str) -> dict[int, str]:
+def read_vqa_results(path: Path | str) -> dict[int | str, str]:
     """Reads an official VQA results file into question id -> answer.
 
     Raises:
@@ -104,10 +106,10 @@ def read_vqa_results(path: Path | str) -> dict[int, str]:
         raise DataError(f"cannot read VQA results {path}: {e}") from None
     if not isinstance(results, list):
         raise DataError(f"{path}: VQA results must be a JSON list of objects")
-    answers: dict[int, str] = {}
+    answers: dict[int | str, str] = {}
     for item in results:
-        if not (isinstance(item, dict) and isinstance(item.get("question_id"), int) and isinstance(item.get("answer"), str)):
-            raise DataError(f"{path}: each result needs an int question_id and a str answer; got {item!r}")
+        if not (isinstance(item, dict) and isinstance(item.get("question_id"), (int, str)) and isinstance(item.get("answer"), str)):
+            raise DataError(f"{path}: each result needs a question_id and a str answer; got {item!r}")
         if item["question_id"] in answers:
             raise DataError(f"{path}: question {item['question_id']} is answered twice")
         answers[item["question_id"]] = item["answer"]

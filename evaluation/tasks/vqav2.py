@@ -125,7 +125,10 @@ def read_vqav2(data_dir: Path | str, split: str = "val") -> VqaSplit:
     raw_questions = load_json(q_path, VQAV2_LAYOUT).get("questions")
     if not isinstance(raw_questions, list):
         raise DataError(f"{q_path} has no 'questions' list; expected the official VQAv2 questions file")
-    questions = [(q["question_id"], q["question"], q["image_id"]) for q in raw_questions]
+    try:
+        questions = [(q["question_id"], q["question"], q["image_id"]) for q in raw_questions]
+    except (KeyError, TypeError):
+        raise DataError(f"{q_path}: every question needs question_id, question and image_id") from None
     del raw_questions
     image_dir = _image_folder(data_dir, folder)
     prefix = f"COCO_{folder}_"

@@ -271,6 +271,11 @@ def test_retrieval_recall_hand_computed():
     assert r.image_to_text == {1: 0.5, 2: 1.0}
     ties = retrieval_recall(torch.zeros(2, 4), [0, 0, 1, 1], ks=(1,))  # ties: lower index first
     assert ties.text_to_image == {1: 0.5} and ties.image_to_text == {1: 0.5}
+    # re-ranking only a first stage's top entries: the rest are -inf and rank last
+    reranked = scores.clone()
+    reranked[1, 1] = float("-inf")  # img1 no longer outranks img0 for t1, nor t1 outranks t2 for img1
+    assert retrieval_recall(reranked, [0, 0, 1, 1], ks=(1,)).as_dict() == pytest.approx(
+        {"ir_r1": 0.75, "tr_r1": 1.0, "rsum": 175.0})
 
 
 def _loop_recall(scores, text_image, k):

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Generic, TypeVar, Union, overload
 
+from pumer_plug.errors import UserError
+
 T = TypeVar("T")
 
 #: an image as a reader hands it out: a file under the data folder, or encoded bytes (arrow tables)
 ImageSource = Union[Path, bytes]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data (missing file, bad record, corrupt image); the message says which.
 
     It subclasses ``ValueError`` so that callers treating bad values as user errors catch it.

@@ -52,3 +52,31 @@ def split_rows(batch: dict) -> list[dict]:
         rows.append({"input_ids": batch["input_ids"][i][keep][None], "attention_mask": batch["attention_mask"][i][keep][None],
                      "pixel_values": batch["pixel_values"][i : i + 1]})
     return rows
+
+
+# -- method configs on the tiny LLaVA: method -> (reducing, zero-reduction), each (num_layers, modalities) -> config
+def _pumer(prune: float, merge: float):
+    from pumer_plug import PumerConfig
+
+    return lambda num_layers, modalities: PumerConfig(reduction_layers=(1, 2), prune_ratio=prune, image_merge_ratio=merge,
+                                                      text_merge_ratio=0.0)
+
+
+def _keep(method: str, **values):
+    def make(num_layers: int, modalities: tuple):
+        from pumer_plug.registry import METHODS
+
+        return METHODS.get(method).config_class(**values)
+
+    return make
+
+
+#: every method that runs on the llava adapter
+LLAVA_METHOD_CONFIGS = {
+    "pumer": (_pumer(0.4, 0.2), _pumer(0.0, 0.0)),
+    "fastv": (_keep("fastv", layer=2, keep_tokens=24), _keep("fastv", layer=2, prune_ratio=0.0)),
+    "random": (_keep("random", layer=2, prune_ratio=0.5, seed=3), _keep("random", layer=2, prune_ratio=0.0)),
+    "pool": (_keep("pool", stride=2), _keep("pool", stride=1)),
+}
+#: the methods that only decoders can serve
+DECODER_ONLY_METHODS = frozenset({"fastv", "random", "pool"})

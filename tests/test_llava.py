@@ -135,6 +135,31 @@ def test_eager_and_sdpa_keep_the_same_tokens(method):
     assert torch.equal(tokens["eager"], tokens["sdpa"])
 
 
+@pytest.mark.parametrize("method", ["fastv", "random"])
+def test_pruning_equals_masking_the_pruned_keys(method):
+    """Pruned after layer K - 1 == the unplugged model with those keys masked out from layer K on:
+    survivors keep their RoPE positions and every later layer gets a consistent mask."""
+    model = build_llava(NUM_LAYERS, attn="eager")
+    batch = llava_batch()
+    with pumer_plug.apply(model, adapter="llava", method=method, config=reducing(method)) as handle:
+        out = last_logits(model, batch)
+        (after, kept), = handle.adapter.state.stages  # (B, N') original positions of the kept tokens
+    keep = torch.zeros(batch["input_ids"].shape, dtype=torch.bool).scatter_(1, kept, True)
+
+    def mask_pruned(module, args, kwargs):
+        mask = kwargs["attention_mask"]  # (B, 1, N, N) additive
+        return args, {**kwargs, "attention_mask": mask.masked_fill(~keep[:, None, None, :], torch.finfo(mask.dtype).min)}
+
+    layers = model.model.language_model.layers
+    hooks = [layers[i].register_forward_pre_hook(mask_pruned, with_kwargs=True) for i in range(after + 1, NUM_LAYERS)]
+    try:
+        ref = last_logits(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_forward_without_image_tokens_is_unreduced(model):
     batch = {"input_ids": torch.tensor([[1, 5, 6, 7, 8]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     ref = last_logits(model, batch)

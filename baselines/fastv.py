@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from pumer_plug.config import check_ratio
 from pumer_plug.method import ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.placement import placement
 from pumer_plug.ops.reduce import drop_padding, prune_by_score, prune_count
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TokenStream
@@ -112,8 +113,6 @@ class KeepTopK(ReductionMethod):
             )
 
     def attach(self, handle: Any) -> None:
-        from pumer_plug.placement import placement
-
         placement(handle.adapter, self)  # raises, naming both, on a backbone without a decoder
 
     def scores(self, layer: int, stream: TokenStream):

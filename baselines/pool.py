@@ -15,6 +15,7 @@ import torch
 
 from pumer_plug.method import ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.placement import placement
 from pumer_plug.ops.reduce import drop_padding
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TokenStream
@@ -98,8 +99,6 @@ class Pool(ReductionMethod):
             raise ValueError(f"pool: {num_image} image tokens do not form a square grid")
 
     def attach(self, handle: Any) -> None:
-        from pumer_plug.placement import placement
-
         placement(handle.adapter, self)  # raises, naming both, on a backbone without a decoder
 
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:

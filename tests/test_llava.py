@@ -106,7 +106,7 @@ def test_kv_cache_lengths_per_layer(model, method):
     N = batch["input_ids"].shape[1]
     with pumer_plug.apply(model, adapter="llava", method=method, config=reducing(method)) as handle:
         with torch.no_grad():
-            cache = model(**batch, use_cache=True).past_key_values
+            cache = model(**batch, use_cache=True).cache
         counts = handle.token_counts
     lengths = [cache.get_seq_length(i) for i in range(NUM_LAYERS)]
     if method == "pool":

@@ -115,6 +115,15 @@ class LlavaAdapter(Adapter):
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.state: LlavaState | None = None
         self.placement = "decoder-layer"
+        self._check_attention(text)
+
+    @staticmethod
+    def _check_attention(text_config: Any) -> None:
+        """Raises ValueError unless the decoder runs sdpa or eager attention (4-D masks this adapter reduces)."""
+        kind = text_config._attn_implementation
+        if kind not in ("sdpa", "eager"):
+            raise ValueError(f"llava adapter: the decoder runs {kind!r} attention; supported: 'sdpa' and 'eager' "
+                             "(their 4-D masks are what the adapter reduces)")
 
     def check_method(self, method: Any) -> None:
         self.placement = placement(self, method)
@@ -188,6 +197,7 @@ class LlavaAdapter(Adapter):
         pixels = kwargs.get("pixel_values")
         if pixels is not None and pixels.shape[0] != B:
             raise ValueError(f"llava adapter: {pixels.shape[0]} images for {B} prompts; one image per sample is supported")
+        self._check_attention(self.llava.config.text_config)
         method = handle.method
         V = counts_h[0]
         method.check_image_tokens(V)

@@ -120,6 +120,24 @@ def test_kv_cache_lengths_per_layer(model, method):
     assert lengths == expected
 
 
+def test_decode_positions_continue_from_the_unreduced_length(model):
+    batch = split_rows(llava_batch())[0]
+    N = batch["input_ids"].shape[1]
+    seen = []
+    last = model.model.language_model.layers[-1]
+    with pumer_plug.apply(model, adapter="llava", method="fastv", config=reducing("fastv")) as handle:
+        # registered after the adapter's pre-hook, so it sees what the layer receives
+        hook = last.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"].clone()), with_kwargs=True)
+        try:
+            generate(model, batch, n=3)
+        finally:
+            hook.remove()
+        kept = handle.token_counts[1].image
+    prefill, *decode = seen
+    assert prefill.shape[-1] == N - (V - kept) and prefill[0, -1] == N - 1  # survivors keep their positions
+    assert [int(p) for p in decode] == [N, N + 1]
+
+
 @pytest.mark.parametrize("method", ["fastv", "pumer"])
 def test_eager_and_sdpa_keep_the_same_tokens(method):
     kept, tokens = {}, {}
@@ -223,3 +241,10 @@ def test_several_images_per_prompt_fail_at_forward(model):
         with pytest.raises(ValueError, match="several image-token runs; one image per sample"):
             model(input_ids=two, attention_mask=torch.ones_like(two), pixel_values=torch.randn(2, 3, 32, 32))
     assert (two == IMAGE_TOKEN).sum() == 32
+
+
+def test_attention_kernels_without_4d_masks_are_refused():
+    model = build_llava(NUM_LAYERS)
+    model.config.text_config._attn_implementation = "flash_attention_2"  # not run: only the check is tested
+    with pytest.raises(ValueError, match="'flash_attention_2' attention; supported: 'sdpa' and 'eager'"):
+        pumer_plug.apply(model, adapter="llava", method="fastv")

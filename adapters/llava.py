@@ -127,6 +127,9 @@ class LlavaAdapter(Adapter):
 
     def check_method(self, method: Any) -> None:
         self.placement = placement(self, method)
+        if method.proportional_attention():
+            raise ValueError(f"llava adapter: proportional attention (method {method.name!r}) needs a log-size bias "
+                             "inside the decoder's attention, which this adapter does not add; turn it off")
         if method.merges_text:
             raise ValueError(
                 f"llava adapter: method {method.name!r} merges text tokens, which a decoder VLM cannot take "

@@ -220,9 +220,21 @@ def test_bad_config_values_are_refused():
     assert FastVConfig.preset("keep128").keep_tokens == 128
 
 
-def test_text_merging_is_refused_on_decoders(model):
+def test_text_merging_and_proportional_attention_are_refused_on_decoders(model):
     with pytest.raises(ValueError, match="merges text tokens"):
         pumer_plug.apply(model, adapter="llava", method="pumer", config=pumer_plug.PumerConfig(reduction_layers=(1,)))
+    with pytest.raises(ValueError, match="proportional attention"):
+        pumer_plug.apply(model, adapter="llava", method="pumer",
+                         config=pumer_plug.PumerConfig.preset("llava-keep64", proportional_attention=True))
+
+
+def test_llava_model_without_lm_head(model):
+    inner = model.model
+    batch = llava_batch()
+    with pumer_plug.apply(inner, adapter="auto", method="fastv", config=reducing("fastv")) as handle:
+        with torch.no_grad():
+            out = inner(**batch).last_hidden_state
+        assert handle.adapter.name == "llava" and out.shape[1] == batch["input_ids"].shape[1] - (V - 24)
 
 
 @pytest.mark.parametrize("method,adapter", [("pool", "vilt"), ("fastv", "vilt"), ("tome", "llava"), ("smres", "llava")])

@@ -61,6 +61,8 @@ class Adapter:
     name: ClassVar[str] = ""
     #: number of layers that can hold a reducer (indices ``0 .. num_layers - 1``)
     num_layers: int = 0
+    #: where this backbone can reduce tokens (``ReductionMethod.placements``; see :mod:`pumer_plug.placement`)
+    placements: ClassVar[frozenset[str]] = frozenset({"encoder-layer"})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -150,6 +150,13 @@ _register("meter-retrieval", "PuMer Table 6 (METER retrieval: official layers 2,
 # 1.6x throughput, the finetuning target's), and no text merging: its questions have <= 14 words
 # and every one matters (t=0.1 costs ~0.5 point more).
 _register("builtin-digits", "chosen on the built-in model's val split (docs/benchmarks.md)", reduction_layers=(2, 3, 4), prune_ratio=0.5, image_merge_ratio=0.3, text_merge_ratio=0.0)
+# LLaVA-1.5 budgets (image tokens kept of 576, as decoder-VLM papers report): one reduction point
+# after decoder layer 1 (layers 2.. run on the kept tokens, FastV's K = 2); prune to 1.5x the budget
+# by text saliency, then merge a third of the survivors; no text merging on decoders.
+for _keep in (192, 128, 64):
+    _register(f"llava-keep{_keep}", f"keep {_keep} of LLaVA-1.5's 576 image tokens from decoder layer 2",
+              reduction_layers=(1,), prune_ratio=(576 - 1.5 * _keep) / 576, image_merge_ratio=(0.5 * _keep) / 576,
+              text_merge_ratio=0.0)
 
 
 # -- reading any method's config ---------------------------------------------------------------

@@ -29,6 +29,14 @@ class ReductionMethod:
     needs_text_saliency: ClassVar[bool] = False
     #: merges tokens within a segment; heads that read one output per input text token break.
     merges_text: bool = False
+    #: where the method can act; an adapter serves the methods that share one of its placements
+    #: (see :mod:`pumer_plug.placement`): ``"encoder-layer"`` inside the layers of an encoder
+    #: (ViLT, METER, ViT), ``"decoder-layer"`` between the layers of a causal decoder during the
+    #: prefill (LLaVA), ``"decoder-input"`` on the projected image tokens before the decoder.
+    placements: ClassVar[frozenset[str]] = frozenset({"encoder-layer"})
+    #: decoders: the query rows of the saliency score, ``"text"`` (every text token after the
+    #: image, PuMer Eq. 1) or ``"last"`` (the last prompt token, FastV)
+    saliency_queries: ClassVar[str] = "text"
 
     def __init__(self, config: Any) -> None:
         if not isinstance(config, self.config_class):
@@ -51,6 +59,10 @@ class ReductionMethod:
                 f"the model's {num_layers} reducible layers (allowed: 0..{num_layers - 1})"
             )
         return layers
+
+    def check_image_tokens(self, num_image: int) -> None:
+        """Raises ValueError when the method's budget does not fit ``num_image`` image tokens per
+        sample (called by adapters at the start of a forward; default: accepts)."""
 
     def proportional_attention(self) -> bool:
         return bool(getattr(self.config, "proportional_attention", False))

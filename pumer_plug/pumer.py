@@ -34,6 +34,7 @@ class Pumer(ReductionMethod):
     config_class = PumerConfig
     needs_keys = True
     needs_text_saliency = True
+    placements = frozenset({"encoder-layer", "decoder-layer"})
 
     def __init__(self, config: PumerConfig) -> None:
         super().__init__(config)

@@ -264,3 +264,16 @@ class _AllMethodsBut(frozenset):
 # its adapter implements accept_image_size.
 IMAGE_ONLY_METHODS.add("smres")
 BACKBONES["meter"].tags.setdefault("methods", _AllMethodsBut({"smres"}))
+
+
+# -- decoder VLMs: the llava matrix (left-padded prompts, generation, last-token logits) is in
+# tests/test_llava.py; methods that only decoders serve stay out of the encoder backbones' matrix.
+from tests.llava_backbone import DECODER_ONLY_METHODS, LLAVA_METHOD_CONFIGS, build_llava, llava_batch, split_rows  # noqa: E402
+
+for _name in DECODER_ONLY_METHODS:
+    METHOD_CONFIGS[_name] = LLAVA_METHOD_CONFIGS[_name]
+BACKBONES["llava"] = TinyBackbone("llava", build_llava, llava_batch, split_rows, lambda out: out.logits[:, -1],
+                                  num_layers=3, tags={"methods": frozenset()})
+BACKBONES["meter"].tags["methods"] = _AllMethodsBut({"smres", *DECODER_ONLY_METHODS})
+for _backbone in BACKBONES.values():
+    _backbone.tags.setdefault("methods", _AllMethodsBut(DECODER_ONLY_METHODS))

@@ -26,8 +26,16 @@ RELEASED_SCHEDULES = {
 }
 
 
-def test_every_preset_has_a_released_schedule():
-    assert sorted(RELEASED_SCHEDULES) == PumerConfig.list_presets()
+def test_every_encoder_preset_has_a_released_schedule():
+    encoder_presets = [n for n in PumerConfig.list_presets() if not n.startswith("llava-")]
+    assert sorted(RELEASED_SCHEDULES) == encoder_presets
+
+
+@pytest.mark.parametrize("keep", [192, 128, 64])
+def test_llava_presets_keep_their_budget_of_576_image_tokens(keep):
+    config = PumerConfig.preset(f"llava-keep{keep}")
+    schedule = config.token_schedule(20, 576, 32)
+    assert schedule[0] == (20, 576) and schedule[1] == (20, keep) and schedule[-1] == (20, keep)
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_SCHEDULES))

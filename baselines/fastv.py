@@ -1,0 +1,158 @@
+"""FastV (Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens After Layer 2"), on decoder VLMs.
+
+After layer ``K - 1`` of the decoder the image tokens are ranked by the attention they receive
+from the last prompt token (summed over heads) and only the top ones go on to layers ``K..``:
+FastV's defaults are K = 2 and R = 50% pruned. The budget is a prune ratio or a keep count
+(``keep_tokens``: 192 / 128 / 64 of LLaVA-1.5's 576, as papers report). Pruning happens in the
+prefill only; decode steps attend to the reduced KV cache ("static" pruning, FastV issue #14).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from pumer_plug.config import check_ratio
+from pumer_plug.method import ReductionMethod
+from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.placement import placement
+from pumer_plug.ops.reduce import combine_heads, drop_padding, prune_by_score, prune_count
+from pumer_plug.registry import METHODS
+from pumer_plug.stream import IMAGE, TokenStream
+
+#: the budgets decoder-VLM papers report, image tokens kept of LLaVA-1.5's 576
+KEEP_BUDGETS = (192, 128, 64)
+
+
+@dataclass(frozen=True)
+class KeepConfig:
+    """Where a keep-top-k method prunes image tokens and how many it keeps.
+
+    Attributes:
+        layer: K, the first decoder layer that runs on the kept tokens (>= 1); the scores come
+            from layer K - 1.
+        prune_ratio: R, the fraction of a sample's image tokens pruned, in [0, 1).
+        keep_tokens: image tokens kept per sample; overrides ``prune_ratio`` when set (>= 1).
+
+    Raises:
+        ValueError: a field of the wrong type or range; the message names the field.
+    """
+
+    layer: int = 2
+    prune_ratio: float = 0.5
+    keep_tokens: int | None = None
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "default": {},
+        **{f"keep{n}": {"keep_tokens": n} for n in KEEP_BUDGETS},
+    }
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"{name}.layer must be an int >= 1 (K, the first layer on the kept tokens), got {self.layer!r}")
+        check_ratio(name, "prune_ratio", self.prune_ratio)
+        k = self.keep_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"{name}.keep_tokens must be None or an int >= 1, got {k!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        """Returns a named budget (``keep192``, ``keep128``, ``keep64``, ``default``).
+
+        Raises:
+            ValueError: unknown preset, listing the known ones.
+        """
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def list_presets(cls) -> list[str]:
+        return sorted(cls.PRESETS)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.keep_tokens is None and self.prune_ratio == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        budget = f"keep={self.keep_tokens}" if self.keep_tokens is not None else f"R={self.prune_ratio:g}"
+        return f"K={self.layer} {budget}"
+
+    def num_pruned(self, num_image: int) -> int:
+        """Image tokens pruned from a sample with ``num_image`` of them."""
+        if self.keep_tokens is not None:
+            return num_image - self.keep_tokens
+        return prune_count(num_image, self.prune_ratio, 0)
+
+
+class KeepTopK(ReductionMethod):
+    """Base of the keep-top-k decoder methods: one reduction between layers K - 1 and K.
+
+    Subclasses implement :meth:`scores`.
+    """
+
+    placements = frozenset({"decoder-layer"})
+
+    def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
+        point = self.config.layer - 1  # the adapter's reduction point i lies between layers i and i + 1
+        if point >= num_layers:
+            raise ValueError(
+                f"{type(self.config).__name__}.layer K={self.config.layer} is beyond the decoder: the kept tokens "
+                f"must enter a layer in 1..{num_layers}"
+            )
+        return (point,)
+
+    def check_image_tokens(self, num_image: int) -> None:
+        k = self.config.keep_tokens
+        if k is not None and k > num_image:
+            raise ValueError(
+                f"{type(self.config).__name__}.keep_tokens={k} exceeds the {num_image} image tokens of a sample"
+            )
+
+    def attach(self, handle: Any) -> None:
+        placement(handle.adapter, self)  # raises, naming both, on a backbone without a decoder
+
+    def scores(self, layer: int, stream: TokenStream):
+        raise NotImplementedError
+
+    def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
+        plans = []
+        for view in stream.views():
+            if view.segment.modality != IMAGE:
+                plans.append(drop_padding(view.mask, view.lengths))
+                continue
+            pruned = tuple(self.config.num_pruned(n) for n in view.lengths)
+            if not any(pruned):
+                plans.append(drop_padding(view.mask, view.lengths))
+                continue
+            scores = self.scores(layer, stream)
+            plans.append(prune_by_score(scores, view.mask, view.protected, pruned, view.lengths))
+        return stream.reduce_segments(plans)
+
+
+@dataclass(frozen=True)
+class FastVConfig(KeepConfig):
+    """FastV: K = 2, R = 50% by default (FastV Sec. 4). See :class:`KeepConfig`."""
+
+
+@METHODS.register("fastv")
+class FastV(KeepTopK):
+    """Keeps the image tokens the last prompt token attends to most (FastV Sec. 4).
+
+    Raises:
+        RuntimeError: at a forward where the adapter did not capture the attention scores.
+    """
+
+    name = "fastv"
+    display_name = "FastV"
+    config_class = FastVConfig
+    needs_text_saliency = True
+    saliency_queries = "last"
+
+    def scores(self, layer: int, stream: TokenStream):
+        if stream.saliency is None:
+            raise RuntimeError(f"FastV: the last prompt token's attention was not captured at layer {layer}")
+        return combine_heads(stream.saliency, "sum")  # (B, H, V) -> (B, V): the last prompt token's attention, summed over heads

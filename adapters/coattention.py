@@ -6,8 +6,9 @@ inside the TEXT layer of a reduction block, after its cross-attention and before
 (``csarron/PuMer`` ``modules_meter.BertCrossLayer``): the plan of the text stream is applied to
 that layer's hidden state and to its FFN residual, and the plans of both streams are applied to
 the block inputs, which the image layer of the same block then reads. This module holds that
-part: the per-forward state, the reducer and residual hooks, the key catcher and the length
-check. Where a model keeps its layers, how its masks look and how a forward starts stay in the
+part: the per-forward scratch (:class:`BlockState`, kept in ``handle.state.adapter``), the
+reducer hook and the length check; keys, saliency, masks and the FFN residual use the shared hook
+factories of ``adapters/base.py``. Where a model keeps its layers, how its masks look and how a forward starts stay in the
 subclasses (``adapters/meter.py``, ``adapters/bridgetower.py``).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from pumer_plug.adapters.base import Adapter
+from pumer_plug.method import HIDDEN, KEYS, TEXT_SALIENCY
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.stream import TokenStream
 
@@ -27,40 +29,42 @@ STREAMS = ("text", "image")
 
 @dataclass
 class BlockState:
-    """Per-forward bookkeeping besides the streams, reset where a forward starts.
+    """Per-forward scratch besides the streams (``handle.state.adapter``), new at every forward.
 
     Attributes:
         block: the co-attention block whose text layer ran last (-1 before the first block).
         inputs: the block's inputs ``x`` (B, T, C) and ``y`` (B, V, C), as the model passed them.
         reduced: ``x`` and ``y`` reduced at this block, for its image layer (empty if not reduced).
-        residual: the text hidden state before and after reduction, for the FFN residual.
         plans: per stream, the composition of every plan so far (only if the adapter composes plans).
     """
 
     block: int = -1
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     reduced: dict[str, torch.Tensor] = field(default_factory=dict)
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)
     plans: dict[str, ReductionPlan] = field(default_factory=dict)
 
 
 class CoAttentionAdapter(Adapter):
     """Base of the two-stream adapters; reduction layers are co-attention blocks.
 
-    Subclasses set ``name``, ``state`` (a :class:`BlockState`), ``compose_plans`` (keep the
+    Subclasses set ``name``, ``compose_plans`` (keep the
     composed plans of both streams, e.g. for BridgeTower's link towers), ``token_level_head`` (the
     text stream must not be reduced) and ``mismatch_hint`` (the end of the error a length mismatch
     raises), and register the hooks below.
     """
 
+    capabilities = frozenset({KEYS, TEXT_SALIENCY, HIDDEN})
     compose_plans = False
     token_level_head = False
     mismatch_hint = "the co-attention blocks must run in order on the model's outputs"
 
+    def new_forward_state(self) -> BlockState:
+        return BlockState()
+
     def _reducer(self, handle: Any, i: int):
         """Pre-hook on the text layer's FFN input (``intermediate``) of reduction block ``i``."""
         def hook(module: nn.Module, args: tuple):
-            state, streams = self.state, handle.streams
+            state, streams = handle.state.adapter, handle.streams
             if state.block != i:
                 raise RuntimeError(f"{self.name} adapter: cross_modal_text_layers.{i}.intermediate ran outside its layer")
             hidden = args[0]  # (B, T, C), after self- and cross-attention
@@ -80,22 +84,9 @@ class CoAttentionAdapter(Adapter):
                     continue
                 state.reduced[name] = plan.apply(state.inputs[name], size)  # block input, (B, N', C)
                 if name == "text":
-                    state.residual = {"input": hidden, "output": plan.apply(hidden, size)}  # (B, T', C)
-            return (state.residual["output"],) if state.residual else None
-
-        return hook
-
-    def _residual_rewriter(self, i: int):
-        """Pre-hook on the text layer's FFN output module ``output(hidden_states, input_tensor)``."""
-        def hook(module: nn.Module, args: tuple):
-            residual = self.state.residual
-            if not residual:
-                return None
-            if args[1] is not residual["input"]:
-                raise RuntimeError(f"{self.name} adapter: cross_modal_text_layers.{i}.output's residual is not the "
-                                   f"reduced hidden state; this {type(module).__name__} is not the one the adapter supports")
-            self.state.residual = {}
-            return (args[0], residual["output"])
+                    handle.state.layer(i)["residual"] = (hidden, plan.apply(hidden, size))  # (B, T', C)
+            residual = handle.state.layer(i).get("residual")
+            return None if residual is None else (residual[1],)
 
         return hook
 
@@ -103,11 +94,3 @@ class CoAttentionAdapter(Adapter):
         if x.shape[1] != stream.num_tokens:
             raise RuntimeError(f"{self.name} adapter: {where} has {x.shape[1]} tokens but its stream's mask has "
                                f"{stream.num_tokens}; {self.mismatch_hint}")
-
-
-def keys_catcher(handle: Any, name: str, num_heads: int):
-    """Forward hook on a key projection: stream ``name``'s keys, (B, N, C) -> mean over heads (B, N, C/H)."""
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        handle.streams[name].set_keys(out, num_heads)
-
-    return hook

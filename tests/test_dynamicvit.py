@@ -19,6 +19,7 @@ from pumer_plug.baselines.dynamicvit import (
     token_distillation_loss,
 )
 from pumer_plug.ops.reduce import attention_bias
+from pumer_plug.state import ForwardState
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 from tests.backbones import BACKBONES, build_vilt, vilt_batch
 
@@ -160,7 +161,7 @@ def vl_stream(hidden_dim=16, seed=0):
 def test_eval_keeps_floor_rho_s_of_the_starting_image_tokens_per_row():
     torch.manual_seed(0)
     method = DynamicViT(DynamicViTConfig(reduction_layers=(0, 1), keep_ratio=0.7, embed_dim=16))
-    method.on_forward_start()
+    method.on_forward_start(ForwardState())
     stream = vl_stream()
     hidden = stream.hidden
     scores = method.modules()["0"](hidden[:, 4:], (stream.mask & ~stream.protected)[:, 4:, None].float())[..., 0]
@@ -181,8 +182,7 @@ def test_eval_keeps_floor_rho_s_of_the_starting_image_tokens_per_row():
 def test_train_keeps_shapes_and_writes_the_cumulative_policy_into_sizes():
     torch.manual_seed(0)
     method = DynamicViT(DynamicViTConfig(reduction_layers=(0, 1), keep_ratio=0.5, embed_dim=16))
-    method.training = True
-    method.on_forward_start()
+    method.on_forward_start(ForwardState(training=True))
     stream = vl_stream()
     stream.bias_cache = torch.zeros(1)
     plan = method.reduce(0, stream)
@@ -207,7 +207,7 @@ def test_train_keeps_shapes_and_writes_the_cumulative_policy_into_sizes():
 
 def test_keep_ratio_one_is_the_identity_and_builds_nothing():
     method = DynamicViT(DynamicViTConfig(reduction_layers=(0,), keep_ratio=1.0))
-    method.on_forward_start()
+    method.on_forward_start(ForwardState())
     stream = vl_stream()
     assert method.reduce(0, stream).is_identity and method.modules() is None
     with pytest.raises(RuntimeError, match="no train-mode keep decisions"):
@@ -220,7 +220,7 @@ def test_predictors_belong_to_the_method_and_round_trip_through_safetensors(tmp_
     keys = list(model.state_dict())
     config = DynamicViTConfig(reduction_layers=(0, 2), keep_ratio=0.5)
     with pumer_plug.apply(model, adapter="vilt", method="dynamicvit", config=config) as handle:
-        assert handle.method.modules() is None  # built at the first forward from the token width
+        assert handle.method.modules() is not None  # built by apply() at the adapter's hidden_size
         with torch.no_grad():
             ref = model(**batch).logits
         predictors = handle.method.modules()

@@ -2,8 +2,10 @@
 
 Symbols: B batch, T text tokens, V image tokens, N tokens of a segment, C channels, H heads,
 r tokens removed. Protected tokens (CLS, image CLS, distillation token) are an explicit (B, N) bool
-argument and are never pruned or merged. Per-row counts are host integers, so a batch with mixed lengths reduces each row exactly as it
-would be reduced alone.
+argument and are never pruned or merged. Per-row counts are host integers, so a batch with mixed
+lengths reduces each row exactly as it would be reduced alone; given as
+:class:`~pumer_plug.ops.counts.RowCounts` they also carry their device copy, and the ops make no
+host-to-device copy (plain tuples are copied once per op).
 """
 from __future__ import annotations
 
@@ -12,27 +14,8 @@ from typing import Sequence
 
 import torch
 
+from pumer_plug.ops.counts import add_counts, counts_on_device, merge_count, prune_count  # noqa: F401 (re-exported)
 from pumer_plug.ops.plan import ReductionPlan, compact_plan
-
-
-def prune_count(num_tokens: int, prune_ratio: float, num_protected: int) -> int:
-    """Image tokens pruned from a row with ``num_tokens`` real tokens (PuMer Alg. 1 line 2).
-
-    ``k' = (1 - k)|V|`` tokens are kept; protected tokens are always kept, so at most
-    ``num_tokens - num_protected`` tokens are pruned. Rounds as the released code does, with
-    Python's ``round()`` (half to even): 0.1 x 145 = 14.5 -> 14.
-    """
-    return max(0, min(round(prune_ratio * num_tokens), num_tokens - num_protected))
-
-
-def merge_count(num_tokens: int, merge_ratio: float, num_protected: int) -> int:
-    """Tokens removed by merging in a row with ``num_tokens`` real tokens (PuMer Alg. 1 line 8).
-
-    ``r' = r|X|``, capped, as in ToMe, at half of the mergeable tokens: bipartite matching can
-    remove at most one token per edge and each side holds half of them. Rounds half to even,
-    as the released code does (``round(merge_ratio * length)``).
-    """
-    return max(0, min(round(merge_ratio * num_tokens), (num_tokens - num_protected) // 2))
 
 
 SALIENCY_HEADS = ("sum", "first")
@@ -103,12 +86,12 @@ def prune_by_score(
     with torch.no_grad():
         if not any(num_pruned):
             return drop_padding(mask, lengths)
-        keep_counts = [n - p for n, p in zip(lengths, num_pruned)]
+        keep_counts = add_counts(lengths, num_pruned, sign=-1)
         s = scores.float().masked_fill(~mask, -math.inf)  # (B, N)
         s = s.masked_fill(protected & mask, math.inf)
         rank = _rank_descending(s)  # (B, N)
-        keep_t = torch.tensor(keep_counts, device=scores.device).unsqueeze(1)  # (B, 1)
-        return compact_plan(rank < keep_t, max(keep_counts), removed=tuple(num_pruned))
+        keep_t = counts_on_device(keep_counts, scores.device).unsqueeze(1)  # (B, 1)
+        return compact_plan(rank < keep_t, max(keep_counts), removed=_as_counts(num_pruned))
 
 
 def bipartite_soft_matching(
@@ -141,45 +124,103 @@ def bipartite_soft_matching(
     with torch.no_grad():
         if not any(num_merged):
             return drop_padding(mask, lengths)
-        B, N, _ = keys.shape
         mergeable = mask & ~protected  # (B, N)
         order = (mergeable.to(torch.int64).cumsum(dim=1) - 1) % 2  # (B, N) 0 -> A, 1 -> B
         is_a, is_b = mergeable & (order == 0), mergeable & (order == 1)
-        pos_a, ok_a = _gather_positions(is_a)  # (B, N_a)
-        pos_b, ok_b = _gather_positions(is_b)  # (B, N_b)
-        k = keys.float()
-        k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        k_a = k.gather(1, pos_a.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_a, C)
-        k_b = k.gather(1, pos_b.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_b, C)
-        scores = k_a @ k_b.transpose(1, 2)  # (B, N_a, N_b)
-        scores = scores.masked_fill(~(ok_a[:, :, None] & ok_b[:, None, :]), -math.inf)
-        node_max, node_idx = scores.max(dim=-1)  # (B, N_a)
-        r_t = torch.tensor(num_merged, device=keys.device).unsqueeze(1)  # (B, 1)
-        merged_a = (_rank_descending(node_max) < r_t) & ok_a  # (B, N_a)
-
+        merged_a, pos_a, pos_b, node_idx = _best_edges(keys, is_a, is_b, num_merged)
         merged = torch.zeros_like(mask).scatter_(1, pos_a, merged_a)  # (B, N)
         survive = mask & ~merged
-        slot = survive.to(torch.int64).cumsum(dim=1) - 1  # (B, N)
-        num_out = max(n - r for n, r in zip(lengths, num_merged))
-        dest = torch.where(survive, slot, torch.full_like(slot, num_out))
-        match_slot = slot.gather(1, pos_b.gather(1, node_idx))  # (B, N_a) slot of each A's match
-        dest_a = torch.where(merged_a, match_slot, dest.gather(1, pos_a))
-        dest = dest.scatter(1, pos_a, dest_a)
-        return ReductionPlan(dest=dest, num_out=num_out, removed=tuple(num_merged))
+        slot = survive.to(torch.int64).cumsum(dim=1) - 1  # (B, N) survivors keep their order
+        return _merge_plan(slot, survive, merged_a, pos_a, pos_b, node_idx, lengths, num_merged)
+
+
+def tome_soft_matching(
+    keys: torch.Tensor,
+    mask: torch.Tensor,
+    protected: torch.Tensor,
+    num_merged: Sequence[int],
+    lengths: Sequence[int],
+) -> ReductionPlan:
+    """Merge plan of ToMe's own bipartite soft matching (``tome.merge.bipartite_soft_matching``).
+
+    Differs from :func:`bipartite_soft_matching` (PuMer's) in the split and the output order, as
+    ToMe does: set A is the tokens at even positions, B at odd positions (positions count the
+    real tokens of the row, so padding changes nothing); protected tokens take no edge (ToMe's
+    ``-inf`` row of the class token, column of the distillation token). The ``r`` best edges
+    merge their A token into its B token; the output is the protected tokens, then A's unmerged
+    tokens, then B's tokens, each in order (ToMe's ``cat([unm, dst])`` with the class token
+    sorted first and the distillation token kept second), padding last.
+
+    Shapes:
+        keys (B, N, C), mask (B, N), protected (B, N) -> plan with num_out = max_i(lengths_i - num_merged_i)
+    """
+    with torch.no_grad():
+        if not any(num_merged):
+            return drop_padding(mask, lengths)
+        B, N, _ = keys.shape
+        position = mask.to(torch.int64).cumsum(dim=1) - 1  # (B, N) position among the real tokens
+        mergeable = mask & ~protected
+        is_a, is_b = mergeable & (position % 2 == 0), mergeable & (position % 2 == 1)  # ToMe: x[::2], x[1::2]
+        merged_a, pos_a, pos_b, node_idx = _best_edges(keys, is_a, is_b, num_merged)
+        merged = torch.zeros_like(mask).scatter_(1, pos_a, merged_a)  # (B, N)
+        survive = mask & ~merged
+        pos = torch.arange(N, device=mask.device)
+        group = torch.where(protected, 0, torch.where(is_b, 2, 1))  # protected, unmerged A, B
+        order = torch.where(survive, group * N + pos, 3 * N + pos)  # (B, N) survivors first
+        slot = order.argsort(dim=1).argsort(dim=1)  # (B, N) output slot of every survivor
+        return _merge_plan(slot, survive, merged_a, pos_a, pos_b, node_idx, lengths, num_merged)
+
+
+def _best_edges(keys: torch.Tensor, is_a: torch.Tensor, is_b: torch.Tensor, num_merged: Sequence[int]):
+    """The ``r`` most similar A -> B edges of every row (cosine similarity of keys).
+
+    Shapes:
+        keys (B, N, C), is_a (B, N), is_b (B, N) -> merged_a (B, N_a) bool, pos_a (B, N_a),
+        pos_b (B, N_b), node_idx (B, N_a) index into pos_b of each A token's best B token
+    """
+    pos_a, ok_a = _gather_positions(is_a)  # (B, N_a)
+    pos_b, ok_b = _gather_positions(is_b)  # (B, N_b)
+    k = keys.float()
+    k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k_a = k.gather(1, pos_a.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_a, C)
+    k_b = k.gather(1, pos_b.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_b, C)
+    scores = k_a @ k_b.transpose(1, 2)  # (B, N_a, N_b)
+    scores = scores.masked_fill(~(ok_a[:, :, None] & ok_b[:, None, :]), -math.inf)
+    node_max, node_idx = scores.max(dim=-1)  # (B, N_a)
+    r_t = counts_on_device(num_merged, keys.device).unsqueeze(1)  # (B, 1)
+    merged_a = (_rank_descending(node_max) < r_t) & ok_a  # (B, N_a)
+    return merged_a, pos_a, pos_b, node_idx
+
+
+def _merge_plan(slot, survive, merged_a, pos_a, pos_b, node_idx, lengths, num_merged) -> ReductionPlan:
+    """Plan sending survivors to ``slot`` and every merged A token to its B token's slot.
+
+    Shapes:
+        slot (B, N), survive (B, N), merged_a / pos_a / node_idx (B, N_a), pos_b (B, N_b)
+    """
+    num_out = max(n - r for n, r in zip(lengths, num_merged))
+    dest = torch.where(survive, slot, torch.full_like(slot, num_out))  # (B, N)
+    match_slot = slot.gather(1, pos_b.gather(1, node_idx))  # (B, N_a) slot of each A's match
+    dest_a = torch.where(merged_a, match_slot, dest.gather(1, pos_a))
+    dest = dest.scatter(1, pos_a, dest_a)
+    return ReductionPlan(dest=dest, num_out=num_out, removed=_as_counts(num_merged))
 
 
 def attention_bias(
-    mask: torch.Tensor, size: torch.Tensor | None, dtype: torch.dtype, proportional: bool
+    mask: torch.Tensor, size: torch.Tensor | None, dtype: torch.dtype, proportional: bool,
+    masked_value: float | None = None,
 ) -> torch.Tensor:
-    """Additive attention bias over keys: padding masked out, plus ``log(size)`` if proportional.
+    """Additive attention bias over keys: padding masked out (``masked_value``, default the
+    dtype's minimum), plus ``log(size)`` if proportional and sizes are set.
 
     Proportional attention (ToMe Sec. 3) lets a merged token of size s count as s tokens.
 
     Shapes:
         mask (B, N) bool, size (B, N, 1) -> (B, 1, 1, N)
     """
+    fill = torch.finfo(dtype).min if masked_value is None else masked_value
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    bias = bias.masked_fill(~mask, torch.finfo(dtype).min)
+    bias = bias.masked_fill(~mask, fill)
     if proportional and size is not None:
         bias = bias + size[..., 0].log().to(dtype)
     return bias[:, None, None, :]
@@ -220,4 +261,8 @@ def drop_padding(mask: torch.Tensor, lengths: Sequence[int]) -> ReductionPlan:
     num_out = max(lengths)
     if num_out == mask.shape[1]:
         return ReductionPlan.identity(mask.shape[1])
-    return compact_plan(mask, num_out, removed=tuple(0 for _ in lengths))
+    return compact_plan(mask, num_out)
+
+
+def _as_counts(counts: Sequence[int]) -> tuple[int, ...]:
+    return counts if isinstance(counts, tuple) else tuple(counts)

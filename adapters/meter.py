@@ -62,6 +62,7 @@ import torch.nn as nn
 from pumer_plug.adapters.base import (AdapterError, get_submodule, keys_catcher, real_lengths, residual_rewriter,
                                       saliency_catcher, stream_bias)
 from pumer_plug.adapters.coattention import STREAMS, CoAttentionAdapter
+from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.models.meter import MeterModel
 from pumer_plug.models.meter_layers import (
     MASKED_SCORE,
@@ -81,6 +82,7 @@ class MeterAdapter(CoAttentionAdapter):
     """
 
     name = "meter"
+    capabilities = frozenset({KEYS, TEXT_SALIENCY, HIDDEN, IMAGE_SIZE})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -125,6 +127,9 @@ class MeterAdapter(CoAttentionAdapter):
                 handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, saliency_catcher(handle, lambda a: a[0], where))
             handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
             handle.add_forward_pre_hook(text_layer.output, residual_rewriter(handle, i, f"cross_modal_text_layers.{i}.output"))
+
+    def accept_image_size(self, handle: Any) -> None:
+        """Nothing to do: METER's CLIP trunk interpolates its position table to every patch grid."""
 
     # -- hooks ---------------------------------------------------------------------------------
     def _block_start(self, handle: Any, i: int, rewrite: bool):

@@ -252,15 +252,6 @@ def smres_zero(num_layers: int, modalities: tuple):
 METHOD_CONFIGS["smres"] = (smres_reducing, smres_zero)
 
 
-class _AllMethodsBut(frozenset):
-    """A ``tags["methods"]`` value that admits every method except the ones it holds."""
-
-    def __contains__(self, name: object) -> bool:
-        return not super().__contains__(name)
-
-
-# SmRes needs a backbone that takes smaller images (see baselines/smres.py): the timm/open_clip
-# adapters resample position embeddings (accept_image_size); METER's CLIP tower is left out until
-# its adapter implements accept_image_size.
+# SmRes needs a backbone that takes smaller images (see baselines/smres.py): every adapter
+# declares the ``image_size`` capability (METER's CLIP trunk interpolates its position table).
 IMAGE_ONLY_METHODS.add("smres")
-BACKBONES["meter"].tags.setdefault("methods", _AllMethodsBut({"smres"}))

@@ -154,7 +154,8 @@ class TokenStream:
 
     def _apply(self, plan: ReductionPlan) -> None:
         if not plan.is_identity:
-            self.size = plan.apply_size(self.size)
+            if plan.merges or self.size is not None:  # keep-or-drop plans leave sizes of 1 unset
+                self.size = plan.apply_size(self.size)
             self.mask = plan.apply_mask(self.mask)
             self.protected = plan.apply_mask(self.protected)
             self.bias_cache = None

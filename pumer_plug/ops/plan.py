@@ -24,11 +24,14 @@ class ReductionPlan:
         num_out: number of output tokens per row (the padded length after reduction).
         removed: (B,) real tokens removed per row (host ints; a
             :class:`~pumer_plug.ops.counts.RowCounts` also carries them on the device), or empty for none.
+        merges: whether two real tokens may share a slot; False for plans that only keep or drop
+            tokens (pruning, padding compaction), which leave every token size as it was.
     """
 
     dest: torch.Tensor | None
     num_out: int
     removed: tuple[int, ...] = ()
+    merges: bool = True
 
     @classmethod
     def identity(cls, num_tokens: int) -> "ReductionPlan":
@@ -88,7 +91,7 @@ class ReductionPlan:
         later_ext = torch.cat([later.dest, trash], dim=1)  # (B, num_mid + 1)
         dest = later_ext.gather(1, self.dest)  # (B, N)
         removed = add_counts(self.removed, later.removed)
-        return ReductionPlan(dest=dest, num_out=later.num_out, removed=removed)
+        return ReductionPlan(dest=dest, num_out=later.num_out, removed=removed, merges=self.merges or later.merges)
 
     def _scatter_sizes(self, size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         B, N = self.dest.shape
@@ -120,7 +123,8 @@ def concat_plans(plans: list[ReductionPlan], lengths: list[int]) -> ReductionPla
         pieces.append(torch.where(dest < plan.num_out, dest + offset, torch.full_like(dest, total_out)))
         offset += plan.num_out
         removed = add_counts(removed, plan.removed)
-    return ReductionPlan(dest=torch.cat(pieces, dim=1), num_out=total_out, removed=removed)
+    merges = any(p.merges for p in plans if p.dest is not None)
+    return ReductionPlan(dest=torch.cat(pieces, dim=1), num_out=total_out, removed=removed, merges=merges)
 
 
 def compact_plan(keep: torch.Tensor, num_out: int, removed: tuple[int, ...] = ()) -> ReductionPlan:
@@ -131,4 +135,4 @@ def compact_plan(keep: torch.Tensor, num_out: int, removed: tuple[int, ...] = ()
     """
     slot = keep.to(torch.int64).cumsum(dim=1) - 1  # (B, N)
     dest = torch.where(keep, slot, torch.full_like(slot, num_out))
-    return ReductionPlan(dest=dest, num_out=num_out, removed=removed)
+    return ReductionPlan(dest=dest, num_out=num_out, removed=removed, merges=False)

@@ -68,8 +68,8 @@ from transformers.models.bridgetower.modeling_bridgetower import (
     BridgeTowerOutput,
 )
 
-from pumer_plug.adapters.base import (AdapterError, get_submodule, keys_catcher, real_lengths, request_pos_interpolation,
-                                      residual_rewriter, saliency_catcher, same_lengths, stream_bias)
+from pumer_plug.adapters.base import (AdapterError, get_submodule, real_lengths, request_pos_interpolation,
+                                      saliency_catcher, same_lengths, stream_bias)
 from pumer_plug.adapters.coattention import STREAMS, CoAttentionAdapter
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.ops.plan import ReductionPlan
@@ -150,27 +150,15 @@ class BridgeTowerAdapter(CoAttentionAdapter):
             )
 
     def attach(self, handle: Any) -> None:
-        method = handle.method
         handle.add_forward_pre_hook(self.bt, self._start(handle), with_kwargs=True)
-        first = min(handle.reduction_layers, default=self.num_layers)
-        for i in range(self.num_layers):
-            text_layer, image_layer = self.layers["text"][i], self.layers["image"][i]
-            handle.add_forward_pre_hook(text_layer, self._pair_start(handle, i, rewrite=i > first), with_kwargs=True)
-            handle.add_forward_pre_hook(image_layer, self._image_layer(handle, i, rewrite=i >= first), with_kwargs=True)
-            if i not in handle.reduction_layers:
-                continue
-            if method.needs_keys:
-                heads = text_layer.attention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.attention.self.key, keys_catcher(handle, "text", heads))
-                handle.add_forward_hook(text_layer.crossattention.self.key, keys_catcher(handle, "image", heads))
-            if method.needs_text_saliency:
-                where = f"cross_modal_text_layers.{i}.crossattention.self"  # returns (output, probs (B, H, T, V))
-                handle.add_forward_hook(text_layer.crossattention.self, saliency_catcher(handle, lambda out: out[1], where, output=True))
-            handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
-            handle.add_forward_pre_hook(text_layer.output, residual_rewriter(handle, i, f"cross_modal_text_layers.{i}.output"))
+        super().attach(handle)
         for name in STREAMS:
             for tower in self.link_towers[name]:
                 handle.add_forward_pre_hook(tower, self._link_reducer(handle, name))
+
+    def catch_saliency(self, handle: Any, text_layer: nn.Module, i: int) -> None:
+        where = f"cross_modal_text_layers.{i}.crossattention.self"  # returns (output, probs (B, H, T, V))
+        handle.add_forward_hook(text_layer.crossattention.self, saliency_catcher(handle, lambda out: out[1], where, output=True))
 
     # -- hooks ---------------------------------------------------------------------------------
     def _start(self, handle: Any):
@@ -194,7 +182,7 @@ class BridgeTowerAdapter(CoAttentionAdapter):
 
         return hook
 
-    def _pair_start(self, handle: Any, i: int, rewrite: bool):
+    def _block_start(self, handle: Any, i: int, rewrite: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             # BridgeTowerBertCrossLayer.forward(hidden_states, encoder_hidden_states, attention_mask, ...)
             state, streams = handle.state.adapter, handle.streams

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pumer_plug.adapters.base import Adapter
+from pumer_plug.adapters.base import Adapter, keys_catcher, residual_rewriter
 from pumer_plug.method import HIDDEN, KEYS, TEXT_SALIENCY
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.stream import TokenStream
@@ -60,6 +60,40 @@ class CoAttentionAdapter(Adapter):
 
     def new_forward_state(self) -> BlockState:
         return BlockState()
+
+    def attach(self, handle: Any) -> None:
+        """Hooks every block's two layers and, at reduction blocks, the text layer's keys,
+        text-saliency, FFN input (the reducer) and FFN residual."""
+        method = handle.method
+        first = min(handle.reduction_layers, default=self.num_layers)
+        for i in range(self.num_layers):
+            text_layer, image_layer = self.layers["text"][i], self.layers["image"][i]
+            handle.add_forward_pre_hook(text_layer, self._block_start(handle, i, rewrite=i > first), with_kwargs=True)
+            handle.add_forward_pre_hook(image_layer, self._image_layer(handle, i, rewrite=i >= first), with_kwargs=True)
+            if i not in handle.reduction_layers:
+                continue
+            if method.needs_keys:
+                for name, attention in (("text", text_layer.attention), ("image", text_layer.crossattention)):
+                    catcher = keys_catcher(handle, name, attention.self.num_attention_heads)
+                    handle.add_forward_hook(attention.self.key, catcher)  # cross: image tokens, text layer's projection
+            if method.needs_text_saliency:
+                self.catch_saliency(handle, text_layer, i)
+            handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
+            where = f"cross_modal_text_layers.{i}.output"
+            handle.add_forward_pre_hook(text_layer.output, residual_rewriter(handle, i, where))
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    def _block_start(self, handle: Any, i: int, rewrite: bool):
+        """Pre-hook (with kwargs) on block ``i``'s text layer: checks lengths, rewrites masks if ``rewrite``."""
+        raise NotImplementedError
+
+    def _image_layer(self, handle: Any, i: int, rewrite: bool):
+        """Pre-hook (with kwargs) on block ``i``'s image layer: swaps in the reduced inputs if ``rewrite``."""
+        raise NotImplementedError
+
+    def catch_saliency(self, handle: Any, text_layer: nn.Module, i: int) -> None:
+        """Installs the hook that stores the text-to-image attention probabilities of block ``i``."""
+        raise NotImplementedError
 
     def _reducer(self, handle: Any, i: int):
         """Pre-hook on the text layer's FFN input (``intermediate``) of reduction block ``i``."""

@@ -59,8 +59,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pumer_plug.adapters.base import (AdapterError, get_submodule, keys_catcher, real_lengths, residual_rewriter,
-                                      saliency_catcher, stream_bias)
+from pumer_plug.adapters.base import AdapterError, get_submodule, real_lengths, saliency_catcher, stream_bias
 from pumer_plug.adapters.coattention import STREAMS, CoAttentionAdapter
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.models.meter import MeterModel
@@ -108,25 +107,9 @@ class MeterAdapter(CoAttentionAdapter):
                                ("output", CrossSelfOutput)):
                 get_submodule(model, f"{prefix}.{path}", kind, self.name)
 
-    def attach(self, handle: Any) -> None:
-        method = handle.method
-        first = min(handle.reduction_layers, default=self.num_layers)
-        for i in range(self.num_layers):
-            text_layer, image_layer = self.layers["text"][i], self.layers["image"][i]
-            handle.add_forward_pre_hook(text_layer, self._block_start(handle, i, rewrite=i > first), with_kwargs=True)
-            handle.add_forward_pre_hook(image_layer, self._image_layer(handle, i, rewrite=i >= first), with_kwargs=True)
-            if i not in handle.reduction_layers:
-                continue
-            if method.needs_keys:
-                heads = text_layer.attention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.attention.self.key, keys_catcher(handle, "text", heads))
-                heads = text_layer.crossattention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.crossattention.self.key, keys_catcher(handle, "image", heads))
-            if method.needs_text_saliency:
-                where = f"cross_modal_text_layers.{i}.crossattention.self"  # probabilities (B, H, T, V): its dropout's input
-                handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, saliency_catcher(handle, lambda a: a[0], where))
-            handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
-            handle.add_forward_pre_hook(text_layer.output, residual_rewriter(handle, i, f"cross_modal_text_layers.{i}.output"))
+    def catch_saliency(self, handle: Any, text_layer: nn.Module, i: int) -> None:
+        where = f"cross_modal_text_layers.{i}.crossattention.self"  # probabilities (B, H, T, V): its dropout's input
+        handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, saliency_catcher(handle, lambda a: a[0], where))
 
     def accept_image_size(self, handle: Any) -> None:
         """Nothing to do: METER's CLIP trunk interpolates its position table to every patch grid."""

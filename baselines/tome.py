@@ -16,7 +16,7 @@ from pumer_plug.config import MethodConfig
 from pumer_plug.method import KEYS, ReductionMethod
 from pumer_plug.ops.counts import cap_merges
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.ops.reduce import drop_padding, tome_soft_matching
+from pumer_plug.ops.reduce import bipartite_soft_matching, drop_padding
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import TokenStream
 
@@ -150,7 +150,7 @@ class TomeForwardState:
 @METHODS.register("tome")
 class Tome(ReductionMethod):
     """Token merging by bipartite soft matching over a whole stream (ToMe Sec. 3), with ToMe's
-    split by position (``tome.merge.bipartite_soft_matching``; see :func:`tome_soft_matching`).
+    split by position (``tome.merge.bipartite_soft_matching``; ``split="position"``).
 
     Raises:
         RuntimeError: at a forward where the adapter did not capture the keys.
@@ -193,7 +193,7 @@ class Tome(ReductionMethod):
         if any(merged) and stream.keys is None:
             raise RuntimeError(f"ToMe: attention keys were not captured at reduction layer {layer}")
         if any(merged):
-            plan = tome_soft_matching(stream.keys, stream.mask, stream.protected, merged, lengths)
+            plan = bipartite_soft_matching(stream.keys, stream.mask, stream.protected, merged, lengths, split="position")
         else:
             plan = drop_padding(stream.mask, lengths)
         if len(stream.segments) == 1:  # one run keeps its modality (an image-only ViT stays "image")

@@ -8,7 +8,7 @@ import torch
 
 import pumer_plug
 from pumer_plug import TomeConfig
-from pumer_plug.ops.reduce import tome_soft_matching
+from pumer_plug.ops.reduce import bipartite_soft_matching
 from tests.backbones import build_timm_vit
 
 
@@ -60,7 +60,7 @@ def plan_for(keys, r, num_protected=1):
     protected = torch.zeros_like(mask)
     protected[:, :num_protected] = True
     r = min(r, (N - num_protected) // 2)
-    return tome_soft_matching(keys, mask, protected, (r,) * B, (N,) * B)
+    return bipartite_soft_matching(keys, mask, protected, (r,) * B, (N,) * B, split="position")
 
 
 # -- hand-sized -------------------------------------------------------------------------------------

@@ -100,15 +100,24 @@ def bipartite_soft_matching(
     protected: torch.Tensor,
     num_merged: Sequence[int],
     lengths: Sequence[int],
+    split: str = "mergeable",
 ) -> ReductionPlan:
     """Merge plan from bipartite soft matching on attention keys (ToMe Sec. 3; PuMer Alg. 1 l. 5-10).
 
-    The mergeable tokens of a row (real and not protected) alternate, in order, between set A and
-    set B; every A token draws an edge to its most similar B token (cosine similarity of keys),
-    and the ``r`` most similar edges of the row are merged: the A token joins its B token.
-    Padding and protected tokens take no edge, so a real token is never merged with padding.
-    Surviving tokens keep their relative order (a merged pair sits at the B token's place) and
-    come first, padding after them.
+    Tokens are split into sets A and B; every A token draws an edge to its most similar B token
+    (cosine similarity of keys), and the ``r`` most similar edges of the row are merged: the A
+    token joins its B token. Padding and protected tokens take no edge, so a real token is never
+    merged with padding. Two splits (``SPLITS``):
+
+    - ``"mergeable"`` (PuMer here): the mergeable tokens of a row (real, not protected)
+      alternate, in order, between A and B, so the split does not depend on where protected
+      tokens sit. Survivors keep their relative order (a merged pair sits at the B token's place).
+    - ``"position"`` (ToMe's ``tome.merge.bipartite_soft_matching``, to the letter): A = even, B =
+      odd positions among the row's real tokens; protected tokens take no edge (ToMe's ``-inf``
+      row of the class token, column of the distillation token). Output as ToMe's
+      ``cat([unm, dst])``: protected tokens, then A's unmerged tokens, then B's, each in order.
+
+    Survivors come first, padding after them.
 
     Args:
         keys: (B, N, C) attention keys (heads flattened into C).
@@ -117,58 +126,39 @@ def bipartite_soft_matching(
         num_merged: tokens removed per row (host ints, see :func:`merge_count`); must not exceed
             half of the row's mergeable tokens.
         lengths: real tokens per row (host ints).
+        split: ``"mergeable"`` or ``"position"``.
 
     Shapes:
         keys (B, N, C) -> plan with num_out = max_i(lengths_i - num_merged_i)
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     with torch.no_grad():
         if not any(num_merged):
             return drop_padding(mask, lengths)
         mergeable = mask & ~protected  # (B, N)
-        order = (mergeable.to(torch.int64).cumsum(dim=1) - 1) % 2  # (B, N) 0 -> A, 1 -> B
-        is_a, is_b = mergeable & (order == 0), mergeable & (order == 1)
+        counted = mergeable if split == "mergeable" else mask  # what the alternation runs over
+        odd = (counted.to(torch.int64).cumsum(dim=1) - 1) % 2 == 1  # (B, N); ToMe: x[::2] -> A, x[1::2] -> B
+        is_a, is_b = mergeable & ~odd, mergeable & odd
         merged_a, pos_a, pos_b, node_idx = _best_edges(keys, is_a, is_b, num_merged)
         merged = torch.zeros_like(mask).scatter_(1, pos_a, merged_a)  # (B, N)
         survive = mask & ~merged
-        slot = survive.to(torch.int64).cumsum(dim=1) - 1  # (B, N) survivors keep their order
-        return _merge_plan(slot, survive, merged_a, pos_a, pos_b, node_idx, lengths, num_merged)
+        if split == "mergeable":
+            slot = survive.to(torch.int64).cumsum(dim=1) - 1  # (B, N) survivors keep their order
+        else:
+            N = mask.shape[1]
+            pos = torch.arange(N, device=mask.device)
+            group = torch.where(protected, 0, torch.where(is_b, 2, 1))  # protected, unmerged A, B
+            order = torch.where(survive, group * N + pos, 3 * N + pos)  # (B, N) survivors first
+            slot = order.argsort(dim=1).argsort(dim=1)  # (B, N) output slot of every survivor
+        num_out = max(n - r for n, r in zip(lengths, num_merged))
+        dest = torch.where(survive, slot, torch.full_like(slot, num_out))  # (B, N)
+        match_slot = slot.gather(1, pos_b.gather(1, node_idx))  # (B, N_a) slot of each A's match
+        dest = dest.scatter(1, pos_a, torch.where(merged_a, match_slot, dest.gather(1, pos_a)))
+        return ReductionPlan(dest=dest, num_out=num_out, removed=_as_counts(num_merged))
 
 
-def tome_soft_matching(
-    keys: torch.Tensor,
-    mask: torch.Tensor,
-    protected: torch.Tensor,
-    num_merged: Sequence[int],
-    lengths: Sequence[int],
-) -> ReductionPlan:
-    """Merge plan of ToMe's own bipartite soft matching (``tome.merge.bipartite_soft_matching``).
-
-    Differs from :func:`bipartite_soft_matching` (PuMer's) in the split and the output order, as
-    ToMe does: set A is the tokens at even positions, B at odd positions (positions count the
-    real tokens of the row, so padding changes nothing); protected tokens take no edge (ToMe's
-    ``-inf`` row of the class token, column of the distillation token). The ``r`` best edges
-    merge their A token into its B token; the output is the protected tokens, then A's unmerged
-    tokens, then B's tokens, each in order (ToMe's ``cat([unm, dst])`` with the class token
-    sorted first and the distillation token kept second), padding last.
-
-    Shapes:
-        keys (B, N, C), mask (B, N), protected (B, N) -> plan with num_out = max_i(lengths_i - num_merged_i)
-    """
-    with torch.no_grad():
-        if not any(num_merged):
-            return drop_padding(mask, lengths)
-        B, N, _ = keys.shape
-        position = mask.to(torch.int64).cumsum(dim=1) - 1  # (B, N) position among the real tokens
-        mergeable = mask & ~protected
-        is_a, is_b = mergeable & (position % 2 == 0), mergeable & (position % 2 == 1)  # ToMe: x[::2], x[1::2]
-        merged_a, pos_a, pos_b, node_idx = _best_edges(keys, is_a, is_b, num_merged)
-        merged = torch.zeros_like(mask).scatter_(1, pos_a, merged_a)  # (B, N)
-        survive = mask & ~merged
-        pos = torch.arange(N, device=mask.device)
-        group = torch.where(protected, 0, torch.where(is_b, 2, 1))  # protected, unmerged A, B
-        order = torch.where(survive, group * N + pos, 3 * N + pos)  # (B, N) survivors first
-        slot = order.argsort(dim=1).argsort(dim=1)  # (B, N) output slot of every survivor
-        return _merge_plan(slot, survive, merged_a, pos_a, pos_b, node_idx, lengths, num_merged)
+SPLITS = ("mergeable", "position")
 
 
 def _best_edges(keys: torch.Tensor, is_a: torch.Tensor, is_b: torch.Tensor, num_merged: Sequence[int]):
@@ -190,20 +180,6 @@ def _best_edges(keys: torch.Tensor, is_a: torch.Tensor, is_b: torch.Tensor, num_
     r_t = counts_on_device(num_merged, keys.device).unsqueeze(1)  # (B, 1)
     merged_a = (_rank_descending(node_max) < r_t) & ok_a  # (B, N_a)
     return merged_a, pos_a, pos_b, node_idx
-
-
-def _merge_plan(slot, survive, merged_a, pos_a, pos_b, node_idx, lengths, num_merged) -> ReductionPlan:
-    """Plan sending survivors to ``slot`` and every merged A token to its B token's slot.
-
-    Shapes:
-        slot (B, N), survive (B, N), merged_a / pos_a / node_idx (B, N_a), pos_b (B, N_b)
-    """
-    num_out = max(n - r for n, r in zip(lengths, num_merged))
-    dest = torch.where(survive, slot, torch.full_like(slot, num_out))  # (B, N)
-    match_slot = slot.gather(1, pos_b.gather(1, node_idx))  # (B, N_a) slot of each A's match
-    dest_a = torch.where(merged_a, match_slot, dest.gather(1, pos_a))
-    dest = dest.scatter(1, pos_a, dest_a)
-    return ReductionPlan(dest=dest, num_out=num_out, removed=_as_counts(num_merged))
 
 
 def attention_bias(

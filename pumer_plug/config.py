@@ -250,10 +250,10 @@ def config_from_mapping(config_cls: type, values: Any, source: str) -> Any:
     """Builds ``config_cls`` from a mapping; unknown fields raise ValueError naming them and ``source``."""
     if not isinstance(values, dict):
         raise ValueError(f"{source}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
-    try:
-        return config_cls.from_dict(values)
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
+    unknown = sorted(set(values) - set(config_cls.field_names()))
+    if unknown:
+        raise ValueError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(config_cls.field_names())}")
+    return config_cls.from_dict(values)  # a value out of range raises naming Class.field (callers add the file)
 
 
 def read_config_file(path: Path) -> Any:

@@ -13,13 +13,14 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from pumer_plug.errors import UserError
 from pumer_plug.method import HIDDEN, KEYS, TEXT_SALIENCY, ReductionMethod
 from pumer_plug.ops.counts import RowCounts
 from pumer_plug.ops.reduce import attention_bias
 from pumer_plug.stream import TEXT, TokenStream
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """A model does not have the structure an adapter expects (raised at ``apply()`` time)."""
 
 

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
 from pumer_plug.method import HIDDEN, ReductionMethod
 from pumer_plug.ops.counts import add_counts, fraction_count, min_counts, offset_counts
 from pumer_plug.ops.plan import ReductionPlan
@@ -81,19 +82,19 @@ class DynamicViTConfig(MethodConfig):
         owner = "DynamicViTConfig"
         self._layers()
         if not self.reduction_layers:
-            raise ValueError(f"{owner}.reduction_layers must name at least one layer")
+            raise UserError(f"{owner}.reduction_layers must name at least one layer")
         rho = self.keep_ratio
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho <= 1.0:
-            raise ValueError(f"{owner}.keep_ratio must be a number in (0, 1], got {rho!r}")
+            raise UserError(f"{owner}.keep_ratio must be a number in (0, 1], got {rho!r}")
         tau = self.tau
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < tau < math.inf:
-            raise ValueError(f"{owner}.tau must be a finite number > 0, got {tau!r}")
+            raise UserError(f"{owner}.tau must be a finite number > 0, got {tau!r}")
         dim = self.embed_dim
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 4):
-            raise ValueError(f"{owner}.embed_dim must be None or an int >= 4, got {dim!r}")
+            raise UserError(f"{owner}.embed_dim must be None or an int >= 4, got {dim!r}")
         w = self.keep_ratio_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < math.inf:
-            raise ValueError(f"{owner}.keep_ratio_weight must be a finite number >= 0, got {w!r}")
+            raise UserError(f"{owner}.keep_ratio_weight must be a finite number >= 0, got {w!r}")
 
     @property
     def is_identity(self) -> bool:
@@ -301,7 +302,7 @@ class DynamicViT(ReductionMethod):
         if self._predictors is None:
             self._build(width)
         elif self.embed_dim != width:
-            raise ValueError(f"DynamicViTConfig.embed_dim is {self.embed_dim}, but the {handle.adapter.name} adapter "
+            raise UserError(f"DynamicViTConfig.embed_dim is {self.embed_dim}, but the {handle.adapter.name} adapter "
                              f"hands over tokens {width} wide")
         first = next(handle.model.parameters(), None)
         if first is not None:
@@ -439,7 +440,7 @@ class DynamicViT(ReductionMethod):
         predictor = self._predictors[str(layer)]
         weight = predictor.in_conv[1].weight
         if weight.shape[1] != x.shape[-1]:
-            raise ValueError(f"DynamicViTConfig.embed_dim is {weight.shape[1]}, but the tokens at layer {layer} are {x.shape[-1]} wide")
+            raise UserError(f"DynamicViTConfig.embed_dim is {weight.shape[1]}, but the tokens at layer {layer} are {x.shape[-1]} wide")
         if weight.device != x.device:
             raise RuntimeError(f"DynamicViT predictors are on {weight.device} but the tokens on {x.device}; "
                                "move them with handle.method.modules().to(device)")

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
 from pumer_plug.method import IMAGE_SIZE, ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.registry import METHODS
@@ -80,26 +81,26 @@ class SmResConfig(MethodConfig):
     def __post_init__(self) -> None:
         scale, size = self.scale, self.image_size
         if scale is not None and size is not None:
-            raise ValueError("SmResConfig.scale and SmResConfig.image_size exclude each other; set one")
+            raise UserError("SmResConfig.scale and SmResConfig.image_size exclude each other; set one")
         if size is None:
             scale = DEFAULT_SCALE if scale is None else scale
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= 1.0:
-                raise ValueError(f"SmResConfig.scale must be a number in (0, 1], got {scale!r}")
+                raise UserError(f"SmResConfig.scale must be a number in (0, 1], got {scale!r}")
             object.__setattr__(self, "scale", float(scale))
         else:
             size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
             try:
                 size = tuple(size)
             except TypeError:
-                raise ValueError(f"SmResConfig.image_size must be (H, W) or an int, got {self.image_size!r}") from None
+                raise UserError(f"SmResConfig.image_size must be (H, W) or an int, got {self.image_size!r}") from None
             if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
-                raise ValueError(f"SmResConfig.image_size must be two ints > 0 (H, W), got {self.image_size!r}")
+                raise UserError(f"SmResConfig.image_size must be two ints > 0 (H, W), got {self.image_size!r}")
             object.__setattr__(self, "image_size", size)
         m = self.multiple_of
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"SmResConfig.multiple_of must be an int >= 1, got {m!r}")
+            raise UserError(f"SmResConfig.multiple_of must be an int >= 1, got {m!r}")
         if not isinstance(self.antialias, bool):
-            raise ValueError(f"SmResConfig.antialias must be a bool, got {self.antialias!r}")
+            raise UserError(f"SmResConfig.antialias must be a bool, got {self.antialias!r}")
 
     @property
     def is_identity(self) -> bool:

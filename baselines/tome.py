@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
 from pumer_plug.method import KEYS, ReductionMethod
 from pumer_plug.ops.counts import cap_merges
 from pumer_plug.ops.plan import ReductionPlan
@@ -59,17 +60,17 @@ class TomeConfig(MethodConfig):
         r = self.r
         if isinstance(r, (list, tuple)):
             if not all(_is_count(v) for v in r):
-                raise ValueError(f"TomeConfig.r must hold token counts (ints >= 0) per layer, got {r!r}")
+                raise UserError(f"TomeConfig.r must hold token counts (ints >= 0) per layer, got {r!r}")
             object.__setattr__(self, "r", tuple(r))
         elif not _is_count(r):
-            raise ValueError(f"TomeConfig.r must be an int >= 0 or one int >= 0 per layer, got {r!r}")
+            raise UserError(f"TomeConfig.r must be an int >= 0 or one int >= 0 per layer, got {r!r}")
         inflection = self.inflection
         if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or math.isnan(inflection):
-            raise ValueError(f"TomeConfig.inflection must be a number in [-1, 1], got {inflection!r}")
+            raise UserError(f"TomeConfig.inflection must be a number in [-1, 1], got {inflection!r}")
         if not -1.0 <= inflection <= 1.0:
-            raise ValueError(f"TomeConfig.inflection must be in [-1, 1], got {inflection!r}")
+            raise UserError(f"TomeConfig.inflection must be in [-1, 1], got {inflection!r}")
         if inflection and isinstance(self.r, tuple):
-            raise ValueError("TomeConfig.inflection shapes a constant int r; it cannot be combined with per-layer r")
+            raise UserError("TomeConfig.inflection shapes a constant int r; it cannot be combined with per-layer r")
         if self.reduction_layers is not None:
             self._layers()
         self._bools("proportional_attention")
@@ -95,7 +96,7 @@ class TomeConfig(MethodConfig):
         """Builds a config from ToMe's ``model.r`` forms: an int, a per-layer list, or ``(r, inflection)``."""
         if isinstance(r, tuple):
             if len(r) != 2:
-                raise ValueError(f"TomeConfig.from_tome: a tuple r must be ToMe's (r, inflection), got {r!r}")
+                raise UserError(f"TomeConfig.from_tome: a tuple r must be ToMe's (r, inflection), got {r!r}")
             return cls(r=r[0], inflection=r[1], **overrides)
         return cls(r=r, **overrides)
 

@@ -1,7 +1,8 @@
 """The ``pumer-plug`` command: compare, bench, train, list, finetune, sweep, plot.
 
-Every user error (unknown method or preset, unreadable config, bad option value) ends in one
-line on stderr naming the problem and exit status 2, never a traceback.
+Every user error (:class:`~pumer_plug.errors.UserError`: unknown method, task or preset, unreadable
+config, bad option or config value, a model an adapter does not fit) ends in one line on stderr
+naming the problem and exit status 2; any other exception is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -16,41 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-
-def _number(kind: type, low: float, strict: bool, expected: str):
-    """An argparse type: ``kind(text)``, finite, above ``low`` (strictly if ``strict``)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not (value > low if strict else value >= low) or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, 0, True, "a positive integer")
-_non_negative_int = _number(int, 0, False, "an integer >= 0")
-_non_negative_float = _number(float, 0.0, False, "a finite number >= 0")
-_positive_float = _number(float, 0.0, True, "a finite number > 0")
-
-
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available")
-    return text
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+from pumer_plug.cli_parser import build_parser
+from pumer_plug.errors import UserError
 
 
 def _parse_methods(text: str) -> list[str]:
@@ -59,13 +27,13 @@ def _parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m != "dense" and m not in list_methods()]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from: dense, {', '.join(list_methods())}")
+        raise UserError(f"unknown method(s) {unknown}; choose from: dense, {', '.join(list_methods())}")
     return [m for m in names if m != "dense"]
 
 
 def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict[str, Any]:
     """``--config`` values are ``[METHOD=]PRESET_OR_FILE``; without ``METHOD=`` they go to every method."""
-    from pumer_plug.config import load_method_config
+    from pumer_plug.evaluation.tasks import load_config
 
     chosen: dict[str, Any] = {}
     for spec in specs:
@@ -73,27 +41,27 @@ def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict
         targets = [method] if method else methods
         for m in targets:
             if m not in methods:
-                raise ValueError(f"--config {spec!r} names method {m!r}, which is not in --methods {methods}")
-            chosen[m] = load_method_config(m, value)
+                raise UserError(f"--config {spec!r} names method {m!r}, which is not in --methods {methods}")
+            chosen[m] = load_config(m, value)
     return {m: chosen.get(m) or task.default_config(m) for m in methods}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.compare import MethodSpec, run_compare
-    from pumer_plug.evaluation.report import format_references, format_table, write_results
-    from pumer_plug.evaluation.tasks import get_task
+    from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
+    from pumer_plug.evaluation.studies.report import format_references, format_table, write_results
+    from pumer_plug.evaluation.tasks import TaskOptions, get_task
 
+    if args.find_batch_size and torch.device(args.device).type != "cuda":
+        raise UserError(f"--find-batch-size needs a CUDA device, got --device {args.device}; pass --batch-size instead")
     methods = _parse_methods(args.methods)
-    task = get_task(args.task, cache_dir=args.cache_dir, retrain=args.retrain)
+    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, retrain=args.retrain))
     configs = _method_configs(methods, args.config or [], task)
     specs = [MethodSpec(m, configs[m]) for m in methods]
-    batch_size = args.batch_size
-    if args.find_batch_size:
-        batch_size = task.find_batch_size(args.device)
-    rows = run_compare(task, specs, batch_size=batch_size, device=args.device, rounds=args.rounds,
-                       timing_batches=args.timing_batches)
+    rows = run_compare(task, specs, batch_size=None if args.find_batch_size else args.batch_size, device=args.device,
+                       rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
+                       predictions_dir=args.output if args.save_predictions else None)
     print(format_table(rows))
-    references = task.reference_accuracies() if hasattr(task, "reference_accuracies") else None
+    references = task.reference_accuracies()
     if references:
         print(format_references(references))
     paths = write_results(rows, args.output, references)
@@ -102,18 +70,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pumer_plug.config import load_method_config
-    from pumer_plug.evaluation.bench import BENCH_MODELS, run_bench
+    from pumer_plug.evaluation.studies.bench import run_bench  # registers the bench models
+    from pumer_plug.evaluation.tasks import load_config
+    from pumer_plug.registry import BENCH_MODELS
 
-    if args.model not in BENCH_MODELS:
-        raise ValueError(f"unknown bench model {args.model!r}; choose from: {', '.join(sorted(BENCH_MODELS))}")
-    setup = BENCH_MODELS[args.model](batch_size=args.batch_size) if args.batch_size else BENCH_MODELS[args.model]()
+    make_setup = BENCH_MODELS.get(args.model)
+    setup = make_setup(batch_size=args.batch_size) if args.batch_size else make_setup()
     if args.config:
-        setup.config = load_method_config(args.method, args.config)
+        setup.config = load_config(args.method, args.config)
     elif args.method != "pumer":
-        setup.config = load_method_config(args.method, None)
-    result = run_bench(setup, method=args.method, rounds=args.rounds)
-    keys = ("benchmark", "config", "dense_throughput_per_s", "reduced_throughput_per_s", "throughput_increase",
+        setup.config = load_config(args.method, None)
+    result = run_bench(setup, method=args.method, rounds=args.rounds, device=args.device, dtype=args.dtype)
+    keys = ("benchmark", "config", "device", "dtype", "dense_throughput_per_s", "reduced_throughput_per_s", "throughput_increase",
             "dense_gflops_per_example", "reduced_gflops_per_example", "flops_ratio", "reducer_time_share")
     for key in keys:
         value = result[key]
@@ -128,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from pumer_plug.evaluation import builtin
+    from pumer_plug.evaluation.tasks import builtin
 
     model, _ = builtin.load_builtin_model(args.cache_dir, retrain=True, seed=args.seed)
     cache_dir = builtin.builtin_model_dir(args.cache_dir)
@@ -143,9 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from pumer_plug import PumerConfig, list_adapters, list_methods
+    from pumer_plug.evaluation.studies import bench  # noqa: F401  (registers the bench models)
+    from pumer_plug.evaluation.tasks import TASKS
+    from pumer_plug.registry import BENCH_MODELS
 
     print("methods: ", ", ".join(list_methods()))
     print("adapters:", ", ".join(list_adapters()))
+    print("tasks:   ", ", ".join(TASKS.list()))
+    print("bench models:", ", ".join(BENCH_MODELS.list()))
     print("PuMer presets:")
     for name in PumerConfig.list_presets():
         print(f"  {name:16s} {PumerConfig.preset(name).describe():40s} source: {PumerConfig.PRESET_SOURCES[name]}")
@@ -154,28 +127,28 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _finetune_config(args: argparse.Namespace, **fields: Any) -> Any:
     """The ``FinetuneConfig`` of the finetuning options shared by ``finetune`` and ``sweep --finetune``."""
-    from pumer_plug.evaluation.finetune import FinetuneConfig
+    from pumer_plug.evaluation.training.finetune import FinetuneConfig
 
     return FinetuneConfig(
         epochs=args.epochs, patience=args.patience, batch_size=args.train_batch_size,
         steps_per_epoch=args.steps_per_epoch, num_train_examples=args.num_train_examples,
         num_val_examples=args.num_val_examples, learning_rate=args.lr, predictor_learning_rate=args.predictor_lr,
         distill=not args.no_distill, distill_weight=args.distill_weight, temperature=args.temperature,
-        hidden_distill_weight=args.hidden_distill_weight, keep_ratio_weight=args.keep_ratio_weight,
+        hidden_distill_weight=args.hidden_distill_weight,
         seed=args.seed, mixed_precision=args.mixed_precision, **fields)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.finetune import finetune
-    from pumer_plug.evaluation.tasks import get_task
+    from pumer_plug.evaluation.tasks import TaskOptions, get_task
+    from pumer_plug.evaluation.training.finetune import finetune
 
     if "," in args.method:
-        raise ValueError(f"--method takes one method, got {args.method!r}")
+        raise UserError(f"--method takes one method, got {args.method!r}")
     method = "none" if args.method in ("none", "dense") else _parse_methods(args.method)[0]
     if method == "none" and args.config:
-        raise ValueError("--config needs a reduction --method (the dense model has no config)")
+        raise UserError("--config needs a reduction --method (the dense model has no config)")
     config = _finetune_config(args, method=method, method_config=args.config, checkpoint_every=args.checkpoint_every)
-    task = get_task(args.task, cache_dir=args.cache_dir)
+    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir))
     output = Path(args.output or f"results/finetune/{method}")
     result = finetune(task, config, output, resume=args.resume, device=args.device)
     initial = result.initial_val_accuracy
@@ -190,9 +163,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from pumer_plug.evaluation.plot import plot_results
-    from pumer_plug.evaluation.sweep import load_grid, run_sweep
-    from pumer_plug.evaluation.tasks import get_task
+    from pumer_plug.evaluation.studies.plot import plot_results
+    from pumer_plug.evaluation.studies.sweep import load_grid, run_sweep
+    from pumer_plug.evaluation.tasks import TaskOptions, get_task
 
     grid = load_grid(args.grid)
     finetune_base = _finetune_config(args) if args.finetune else None
@@ -201,10 +174,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for point in grid.points:
             print(f"{point.method:11s} {point.label:40s} {point.key(finetune_base)}")
         return 0
-    task_options = {"cache_dir": args.cache_dir}
-    if args.num_test_examples:
-        task_options["num_test_examples"] = args.num_test_examples
-    task = get_task(args.task, **task_options)
+    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
     results = output / "results.jsonl"
     records = run_sweep(task, grid.points, results, name=grid.name, finetune_base=finetune_base,
                         batch_size=args.batch_size, device=args.device, rounds=args.rounds,
@@ -227,131 +197,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.plot import plot_results
+    from pumer_plug.evaluation.studies.plot import plot_results
 
     annotate = {"auto": None, "yes": True, "no": False}[args.annotate]
     paths = plot_results(args.results, args.output, title=args.title, annotate=annotate)
     print("written:", ", ".join(str(p) for p in paths.values()))
     return 0
-
-
-def _add_finetune_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("finetuning (PuMer Sec. 4.3 / App. A.1 scaled to a CPU)")
-    g.add_argument("--epochs", type=_positive_int, default=4, help="maximum epochs (paper: 20; default: 4)")
-    g.add_argument("--patience", type=_positive_int, default=2, help="early-stopping patience in epochs (paper: 5; default: 2)")
-    g.add_argument("--train-batch-size", type=_positive_int, default=32, help="training examples per step and process (default: 32)")
-    g.add_argument("--steps-per-epoch", type=_positive_int, default=None, help="cap on the steps of an epoch (default: the whole train split)")
-    g.add_argument("--num-train-examples", type=_positive_int, default=2048, help="built-in task: train split size (default: 2048)")
-    g.add_argument("--num-val-examples", type=_positive_int, default=500, help="val examples for early stopping (default: 500)")
-    g.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (default: 1e-4, as PuMer)")
-    g.add_argument("--predictor-lr", type=_positive_float, default=1e-3, help="DynamicViT predictors' learning rate (default: 1e-3)")
-    g.add_argument("--no-distill", action="store_true", help="no knowledge distillation from the dense model")
-    g.add_argument("--distill-weight", type=_non_negative_float, default=1.0, help="weight of the KL loss on logits (default: 1)")
-    g.add_argument("--temperature", type=_positive_float, default=1.0, help="distillation temperature (default: 1)")
-    g.add_argument("--hidden-distill-weight", type=_non_negative_float, default=0.0,
-                   help="weight of the MSE on the first final hidden token, the text [CLS] in ViLT (default: 0, off)")
-    g.add_argument("--keep-ratio-weight", type=_non_negative_float, default=2.0, help="DynamicViT keep-ratio loss weight (default: 2)")
-    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation, data order and sampling (default: 0)")
-    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision (default: no)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pumer-plug", description="Plug-in token reduction (PuMer) for vision-language transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("compare", help="dense model vs. reduction methods on a task (accuracy, throughput, memory, FLOPs)",
-                       description="Evaluate the dense model and each method on the task's test split; print a table and write results.jsonl/results.md.")
-    p.add_argument("--task", default="builtin", help="task name (default: builtin, the digits VQA task trained here)")
-    p.add_argument("--methods", default="dense,pumer", help="comma-separated methods from the registry (default: dense,pumer)")
-    p.add_argument("--config", action="append", metavar="[METHOD=]PRESET_OR_FILE",
-                   help="method config: a preset name or a JSON/YAML file; repeatable; default: the task's preset per method")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default: 64)")
-    p.add_argument("--find-batch-size", action="store_true", help="CUDA only: search the largest batch that fits")
-    p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds per variant; the median is reported (default: 5)")
-    p.add_argument("--timing-batches", type=_positive_int, default=4, help="test batches per timed round (default: 4)")
-    p.add_argument("--output", default="results/compare",
-                   help="output folder (default: results/compare); results.jsonl is appended to, results.md rewritten")
-    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
-    p.add_argument("--retrain", action="store_true", help="retrain the built-in model even if a cached one exists")
-    _add_common(p)
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("bench", help="speed benchmark on a backbone built from its config (random init)",
-                       description="Dense vs. plugged throughput (interleaved), FLOPs ratio and the reducers' time share.")
-    p.add_argument("--model", default="vilt-b32", help="benchmark setup (default: vilt-b32)")
-    p.add_argument("--method", default="pumer", help="reduction method (default: pumer)")
-    p.add_argument("--config", default=None, help="preset name or JSON/YAML file (default: the setup's config)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the setup's)")
-    p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds; median reported (default: 5)")
-    p.add_argument("--output", default=None, help="append the result as a JSON line to this file")
-    _add_common(p)
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it",
-                       description="Train the built-in digits-VQA ViLT from scratch (about 6 minutes on 2 CPU cores) and "
-                                   "replace the cached model that compare, finetune and sweep use; prints its val "
-                                   "accuracy per question type next to the majority-answer and question-only baselines.")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation and training data (default: 0)")
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
-    p.add_argument("--num-threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice); training runs on the CPU")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("finetune", help="finetune a model with a method attached (distillation, early stopping, resumable)",
-                       description="Finetune the task's model with a reduction method attached, distilling from the frozen "
-                                   "dense model; early stopping on val accuracy; resumable. Several GPUs: "
-                                   "accelerate launch -m pumer_plug.cli finetune --device cuda ...")
-    p.add_argument("--task", default="builtin", help="task name (default: builtin)")
-    p.add_argument("--method", default="pumer", help="reduction method, or none for the dense model (default: pumer)")
-    p.add_argument("--config", default=None, metavar="PRESET_OR_FILE", help="method config (default: the task's preset)")
-    p.add_argument("--output", default=None, help="output folder (default: results/finetune/METHOD)")
-    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
-    p.add_argument("--checkpoint-every", type=_non_negative_int, default=0, help="also checkpoint every N steps (default: 0, epoch ends only)")
-    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
-    _add_finetune_options(p)
-    _add_common(p)
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("sweep", help="grid of methods x knobs: accuracy, throughput increase, memory, FLOPs per point",
-                       description="Measure every point of a grid against the dense model (once per run) and append JSON "
-                                   "lines; re-running skips finished points. Presets: figure5, table3, table4 "
-                                   "(the paper's studies scaled to the built-in 6-layer model). Grid file schema: "
-                                   "see pumer_plug.evaluation.sweep.")
-    p.add_argument("--grid", required=True, metavar="PRESET_OR_FILE", help="figure5, table3, table4, or a YAML/JSON grid file")
-    p.add_argument("--task", default="builtin", help="task name (default: builtin)")
-    p.add_argument("--output", default=None, help="output folder (default: results/sweep/GRID, GRID-finetune with --finetune)")
-    p.add_argument("--finetune", action="store_true", help="finetune every point (with distillation) before measuring")
-    p.add_argument("--num-test-examples", type=_positive_int, default=None, help="test split size (default: the task's)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default: 64)")
-    p.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds per point; the median is reported (default: 3)")
-    p.add_argument("--timing-batches", type=_positive_int, default=2, help="test batches per timed round (default: 2)")
-    p.add_argument("--no-plot", action="store_true", help="do not write the figure and tables at the end")
-    p.add_argument("--list-points", action="store_true", help="print the grid's points and keys, measure nothing")
-    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
-    _add_finetune_options(p)
-    _add_common(p)
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("plot", help="accuracy vs throughput increase figure and Table 3/4 layouts from sweep results",
-                       description="Write tradeoff.png/.svg (Pareto front marked, dense as reference), table3.md and "
-                                   "table4.md next to the results (or into --output).")
-    p.add_argument("results", help="results.jsonl written by pumer-plug sweep")
-    p.add_argument("--output", default=None, help="output folder (default: the results file's folder)")
-    p.add_argument("--title", default=None, help="figure title")
-    p.add_argument("--annotate", choices=("auto", "yes", "no"), default="auto",
-                   help="label every point (auto: when there are at most 12)")
-    p.set_defaults(func=cmd_plot)
-
-    p = sub.add_parser("list", help="registered methods, adapters and presets")
-    p.set_defaults(func=cmd_list)
-    return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (the usage block stays behind ``--help``)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _one_line_warnings(fallback: Any):
@@ -370,9 +221,11 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    commands = {"compare": cmd_compare, "bench": cmd_bench, "train": cmd_train, "finetune": cmd_finetune,
+                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list}
+    parser = build_parser(commands)
     args = parser.parse_args(argv)
-    if getattr(args, "num_threads", None):
+    if args.num_threads:
         torch.set_num_threads(args.num_threads)
     old_show_warning = warnings.showwarning
     warnings.showwarning = _one_line_warnings(old_show_warning)
@@ -380,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_sigterm = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:
+    except (UserError, OSError) as err:  # OSError: a file the user named cannot be read or written
         print(f"pumer-plug: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

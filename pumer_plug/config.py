@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pumer_plug.errors import UserError
 from pumer_plug.ops.reduce import SALIENCY_HEADS, merge_count, prune_count
 from pumer_plug.registry import METHODS
 
@@ -18,9 +19,9 @@ from pumer_plug.registry import METHODS
 def check_ratio(owner: str, name: str, value: float) -> None:
     """Raises ValueError unless ``value`` is a ratio in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{owner}.{name} must be a number in [0, 1), got {value!r}")
+        raise UserError(f"{owner}.{name} must be a number in [0, 1), got {value!r}")
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}.{name} must be in [0, 1), got {value!r}")
+        raise UserError(f"{owner}.{name} must be in [0, 1), got {value!r}")
 
 
 def check_layers(owner: str, name: str, layers: Any) -> tuple[int, ...]:
@@ -28,18 +29,18 @@ def check_layers(owner: str, name: str, layers: Any) -> tuple[int, ...]:
     try:
         layers = tuple(layers)
     except TypeError:
-        raise ValueError(f"{owner}.{name} must be a sequence of layer indices, got {layers!r}") from None
+        raise UserError(f"{owner}.{name} must be a sequence of layer indices, got {layers!r}") from None
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-        raise ValueError(f"{owner}.{name} must hold layer indices (ints >= 0), got {layers!r}")
+        raise UserError(f"{owner}.{name} must hold layer indices (ints >= 0), got {layers!r}")
     if list(layers) != sorted(set(layers)):
-        raise ValueError(f"{owner}.{name} must be unique and sorted ascending, got {layers!r}")
+        raise UserError(f"{owner}.{name} must be unique and sorted ascending, got {layers!r}")
     return layers
 
 
 def check_bool(owner: str, name: str, value: Any) -> None:
     """Raises ValueError unless ``value`` is a bool."""
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
+        raise UserError(f"{owner}.{name} must be a bool, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class MethodConfig:
         """
         if name not in cls.PRESETS:
             known = ", ".join(sorted(cls.PRESETS)) or "(none)"
-            raise ValueError(f"unknown {cls.LABEL or cls.__name__} preset {name!r}; known presets: {known}")
+            raise UserError(f"unknown {cls.LABEL or cls.__name__} preset {name!r}; known presets: {known}")
         return cls(**{**cls.PRESETS[name], **overrides})
 
     @classmethod
@@ -104,7 +105,7 @@ class MethodConfig:
         """
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; fields: {sorted(cls.field_names())}")
+            raise UserError(f"unknown {cls.__name__} field(s) {unknown}; fields: {sorted(cls.field_names())}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +191,7 @@ class PumerConfig(MethodConfig):
         self._ratios("prune_ratio", "image_merge_ratio", "text_merge_ratio")
         self._bools("proportional_attention")
         if self.saliency_heads not in SALIENCY_HEADS:
-            raise ValueError(f"PumerConfig.saliency_heads must be one of {SALIENCY_HEADS}, got {self.saliency_heads!r}")
+            raise UserError(f"PumerConfig.saliency_heads must be one of {SALIENCY_HEADS}, got {self.saliency_heads!r}")
         self._warn_if_inert()
 
     @property
@@ -249,10 +250,10 @@ _register("builtin-digits", "chosen on the built-in model's val split (docs/benc
 def config_from_mapping(config_cls: type, values: Any, source: str) -> Any:
     """Builds ``config_cls`` from a mapping; unknown fields raise ValueError naming them and ``source``."""
     if not isinstance(values, dict):
-        raise ValueError(f"{source}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
+        raise UserError(f"{source}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
     unknown = sorted(set(values) - set(config_cls.field_names()))
     if unknown:
-        raise ValueError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(config_cls.field_names())}")
+        raise UserError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(config_cls.field_names())}")
     return config_cls.from_dict(values)  # a value out of range raises naming Class.field (callers add the file)
 
 
@@ -265,7 +266,7 @@ def read_config_file(path: Path) -> Any:
     try:
         text = path.read_text()
     except OSError as err:
-        raise ValueError(f"cannot read config file {path}: {err.strerror or err}") from None
+        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -274,7 +275,7 @@ def read_config_file(path: Path) -> Any:
         return json.loads(text)
     except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"cannot parse config file {path}: {first}") from None
+        raise UserError(f"cannot parse config file {path}: {first}") from None
 
 
 def load_method_config(method: str, spec: Any = None) -> Any:
@@ -299,4 +300,4 @@ def load_method_config(method: str, spec: Any = None) -> Any:
     if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
         return config_from_mapping(config_cls, read_config_file(path), str(path))
     known = ", ".join(sorted(presets)) or "(none)"
-    raise ValueError(f"{spec!r} is neither a {method} preset ({known}) nor a .json/.yaml config file")
+    raise UserError(f"{spec!r} is neither a {method} preset ({known}) nor a .json/.yaml config file")

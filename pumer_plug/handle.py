@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from pumer_plug.errors import UserError
 from pumer_plug.method import CAPABILITY_NAMES, ReductionMethod
 from pumer_plug.registry import ADAPTERS, METHODS
 from pumer_plug.state import ForwardState, TokenCount
@@ -216,7 +217,7 @@ def apply(model: nn.Module, adapter: str = "auto", config: Any = None, method: s
     missing = sorted(method_obj.requires - adapter_obj.capabilities)
     if missing:
         needs = "; ".join(CAPABILITY_NAMES.get(c, c) for c in missing)
-        raise ValueError(f"{adapter_obj.name} adapter: method {method_obj.name!r} needs {needs}, which the "
+        raise UserError(f"{adapter_obj.name} adapter: method {method_obj.name!r} needs {needs}, which the "
                          f"{adapter_obj.name} adapter does not provide; this pair is not supported")
     adapter_obj.check_method(method_obj)
     layers = method_obj.reduction_layers(adapter_obj.num_layers)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable, Generic, TypeVar
 
+from pumer_plug.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -45,13 +47,13 @@ class Registry(Generic[T]):
         """Returns the entry called ``name``.
 
         Raises:
-            ValueError: naming the unknown entry and listing the registered ones.
+            UserError: naming the unknown entry and listing the registered ones.
         """
         try:
             return self._entries[name]
         except KeyError:
             known = ", ".join(self.list()) or "(none)"
-            raise ValueError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {known}") from None
+            raise UserError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {known}") from None
 
     def list(self, pattern: str = "*") -> list[str]:
         """Returns the sorted names matching a shell-style wildcard ``pattern``."""
@@ -66,3 +68,7 @@ class Registry(Generic[T]):
 
 ADAPTERS: Registry = Registry("adapter")
 METHODS: Registry = Registry("method")
+#: evaluation tasks (``pumer_plug.evaluation.tasks``): classes built as ``TASKS.get(name)(options)``
+TASKS: Registry = Registry("task")
+#: ``pumer-plug bench`` setups (``pumer_plug.evaluation.studies.bench``): ``BENCH_MODELS.get(name)(batch_size=...)``
+BENCH_MODELS: Registry = Registry("bench model")

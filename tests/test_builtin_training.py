@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from pumer_plug.evaluation import builtin, digits
-from pumer_plug.evaluation.builtin_training import (BACKGROUND, IGNORE, AuxiliaryHeads, Stage, _capture,
+from pumer_plug.evaluation.tasks import builtin, digits
+from pumer_plug.evaluation.tasks.builtin_training import (BACKGROUND, IGNORE, AuxiliaryHeads, Stage, _capture,
                                                     auxiliary_targets, curriculum_datasets, fit, step_losses)
-from pumer_plug.evaluation.digits import CANVAS_PX, EMPTY, GRID_CELLS, PATCH_PX, DigitsVQA
+from pumer_plug.evaluation.tasks.digits import CANVAS_PX, EMPTY, GRID_CELLS, PATCH_PX, DigitsVQA
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_ratio": 2}
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import ViltForQuestionAnswering
 
-from pumer_plug.evaluation import builtin, digits
-from pumer_plug.evaluation.builtin_training import Stage
-from pumer_plug.evaluation.digits import (ANSWER_VOCAB, CANVAS_PX, EMPTY, IMAGE_PATCHES,
+from pumer_plug.evaluation.tasks import builtin, digits
+from pumer_plug.evaluation.tasks.builtin_training import Stage
+from pumer_plug.evaluation.tasks.digits import (ANSWER_VOCAB, CANVAS_PX, EMPTY, IMAGE_PATCHES,
                                           MAX_QUESTION_TOKENS, PATCH_PX, PLACE_NAMES, REGION_PATCHES,
                                           DigitsVQA)
 
@@ -211,8 +211,8 @@ def test_train_command_retrains_with_the_seed_and_prints_val_accuracy(tiny_cache
 
 
 def test_builtin_task_reports_trivial_predictors_on_its_test_split(tiny_cache):
-    from pumer_plug.evaluation.tasks import get_task
+    from pumer_plug.evaluation.tasks import TaskOptions, get_task
 
-    references = get_task("builtin", num_test_examples=500).reference_accuracies()
+    references = get_task("builtin", TaskOptions(num_test_examples=500)).reference_accuracies()
     assert set(references) == {"majority answer", "question-only prior"}
     assert 0.1 < references["majority answer"] < references["question-only prior"] < 0.45

@@ -14,9 +14,9 @@ from transformers import ViltConfig, ViltForQuestionAnswering
 
 from pumer_plug import PumerConfig
 from pumer_plug.baselines.dynamicvit import DynamicViTConfig
-from pumer_plug.evaluation.finetune import (FinetuneConfig, _Trainer, attach_finetuned, finetune, load_finetuned,
-                                            train_batches_of)
-from pumer_plug.evaluation.tasks import classification_accuracy
+from pumer_plug.evaluation.tasks import Task, classification_accuracy
+from pumer_plug.evaluation.training.finetune import (FinetuneConfig, _Trainer, attach_finetuned, finetune,
+                                                     load_finetuned, train_batches_of)
 
 NUM_LABELS = 5
 
@@ -44,13 +44,14 @@ def take(data, index) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return {k: v[index] for k, v in inputs.items()}, targets[index]
 
 
-class TinyTask:
-    """The EvalTask protocol plus ``train_batches``; ``fail_at`` raises at that train-batch access."""
+class TinyTask(Task):
+    """A trainable Task; ``fail_at`` raises at that train-batch access."""
 
     name = "tiny"
     adapter = "vilt"
 
     def __init__(self, num_train: int = 24, fail_at: int | None = None, val_accuracies: list[float] | None = None):
+        super().__init__()
         self.train = make_examples(num_train, 0)
         self.val = make_examples(16, 1)
         self.fail_at, self.accesses = fail_at, 0
@@ -59,12 +60,12 @@ class TinyTask:
     def load_model(self, device):
         return tiny_model().to(device)
 
-    def train_batches(self, batch_size, seed):
+    def train_batches(self, batch_size, seed, num_examples):
         order = torch.randperm(len(self.train[1]), generator=torch.Generator().manual_seed(seed % 2**31))
         return _Batches(self, [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)])
 
-    def batches(self, split, batch_size):
-        return [take(self.val, slice(i, i + batch_size)) for i in range(0, 16, batch_size)]
+    def batches(self, split, batch_size, num_examples=None):
+        return [take(self.val, slice(i, i + batch_size)) for i in range(0, num_examples or 16, batch_size)]
 
     def accuracy(self, model, batches):
         if self.val_accuracies is not None:
@@ -144,13 +145,15 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
 def test_dynamicvit_predictors_get_gradients_and_are_saved_apart(tmp_path):
     config = small(method="dynamicvit", method_config=DynamicViTConfig(reduction_layers=(0, 1), keep_ratio=0.5), epochs=1)
     trainer = _Trainer(TinyTask(), config, tmp_path / "probe", "cpu", False)
-    trainer.student.train()
-    terms = trainer.losses(*take(TinyTask().train, slice(0, 8)))
-    assert {"task", "distill", "keep_ratio"} <= set(terms)
-    sum(terms.values()).backward()
-    grads = [p.grad for p in trainer.method.modules().parameters()]
-    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    trainer.close()
+    try:  # a failure here must not leave the model plugged for later tests
+        trainer.student.train()
+        terms = trainer.losses(*take(TinyTask().train, slice(0, 8)))
+        assert {"task", "distill", "keep_ratio"} <= set(terms)
+        sum(terms.values()).backward()
+        grads = [p.grad for p in trainer.method.modules().parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    finally:
+        trainer.close()
 
     finetune(TinyTask(), config, tmp_path / "run", progress=False)
     predictors = load_file(tmp_path / "run" / "predictors.safetensors")
@@ -168,7 +171,7 @@ def test_bad_settings_name_the_field_and_untrainable_tasks_are_refused():
     with pytest.raises(ValueError, match="mixed_precision"):
         FinetuneConfig(mixed_precision="fp8")
 
-    class EvalOnly:
+    class EvalOnly(Task):
         name = "eval-only"
 
     with pytest.raises(ValueError, match="train_batches"):

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pumer_plug.evaluation import measure, report
+from pumer_plug.evaluation import measure
+from pumer_plug.evaluation.measure import batch_size as batch_size_search
+from pumer_plug.evaluation.studies import report
 from pumer_plug.evaluation.measure import Variant
 
 DIM, HEADS, FEATURES = 32, 2, 8
@@ -293,7 +295,7 @@ def test_oom_probe_reports_out_of_memory_as_not_fitting():
                 raise torch.OutOfMemoryError("fake OOM")
             return self.layer(x)
 
-    fits = measure._oom_probe(Hungry(), lambda bs: {"x": torch.randn(bs, 2)}, None,
+    fits = batch_size_search._oom_probe(Hungry(), lambda bs: {"x": torch.randn(bs, 2)}, None,
                               torch.device("cpu"))
     assert measure.search_batch_size(fits, start=1, max_batch_size=64) == 5
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from pumer_plug.cli import main
-from pumer_plug.evaluation.plot import pareto_front, plot_results
-from pumer_plug.evaluation.sweep import PRESETS, load_grid, parse_grid, read_records, run_sweep
+from pumer_plug.evaluation.studies.plot import pareto_front, plot_results
+from pumer_plug.evaluation.studies.sweep import PRESETS, load_grid, parse_grid, read_records, run_sweep
 from tests.test_finetune import TinyTask
 
 FAST = dict(batch_size=8, rounds=1, timing_batches=1, progress=False)
@@ -74,7 +74,7 @@ def test_presets_expand_to_the_papers_studies():
 
 
 def _ft():
-    from pumer_plug.evaluation.finetune import FinetuneConfig
+    from pumer_plug.evaluation.training.finetune import FinetuneConfig
 
     return FinetuneConfig(epochs=1)
 

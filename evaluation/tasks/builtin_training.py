@@ -23,7 +23,6 @@ Measured figures of the default recipe are in ``builtin.json`` of the cache and 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -33,6 +32,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import ViltForQuestionAnswering
+
+from pumer_plug.evaluation.training.loop import decay_groups, schedule, train_steps
 
 from .digits import EMPTY, GRID_CELLS, PATCH_PX, PLACE_NAMES, DigitsVQA, Example, build_tokenizer
 
@@ -195,30 +196,15 @@ def step_losses(model: ViltForQuestionAnswering, heads: AuxiliaryHeads, inputs: 
     }
 
 
-def _learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.05."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms, embeddings' position rows)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "position" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "position" not in n)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.98))
-
-
 def fit(model: ViltForQuestionAnswering, stages: list[tuple[DigitsVQA, int]], batch_size: int,
         learning_rate: float = 1e-3, warmup_fraction: float = 0.06, weight_decay: float = 0.01,
         progress: bool = True) -> list[dict[str, float]]:
     """Trains ``model`` in place through ``stages`` of (dataset, steps); returns per-step losses.
 
     Each stage takes consecutive batches of its dataset; one warm-up + cosine schedule spans all
-    stages. Loss: the sum of :func:`step_losses` (answer + auxiliary heads, all weight 1). The
-    auxiliary heads are built here and discarded at the end.
+    stages (transformers' cosine schedule down to 5% of the peak), stepped by the shared loop
+    (:func:`~pumer_plug.evaluation.training.loop.train_steps`). Loss: the sum of :func:`step_losses`
+    (answer + auxiliary heads, all weight 1). The auxiliary heads are built here and discarded at the end.
 
     Raises:
         ValueError: if a stage's dataset holds fewer than ``steps * batch_size`` examples.
@@ -230,31 +216,31 @@ def fit(model: ViltForQuestionAnswering, stages: list[tuple[DigitsVQA, int]], ba
     vocab = build_tokenizer().get_vocab()
     digit_word_ids = torch.tensor([vocab[str(d)] for d in range(10)])
     heads = AuxiliaryHeads(model.config.hidden_size)
-    optimizer = _optimizer(nn.ModuleList([model, heads]), learning_rate, weight_decay)
-    warmup_steps = max(1, round(warmup_fraction * total_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _learning_rate_factor(s, total_steps, warmup_steps))
+    trained = nn.ModuleList([model, heads])
+    optimizer = torch.optim.AdamW(decay_groups(trained, weight_decay), lr=learning_rate, betas=(0.9, 0.98))
+    scheduler = schedule(optimizer, "cosine", total_steps, warmup_fraction, min_lr_rate=0.05)
     model.train()
     history: list[dict[str, float]] = []
+
+    def stage_batches(data: DigitsVQA, steps: int) -> Iterator[tuple]:
+        for step in range(steps):
+            indices = list(range(step * batch_size, (step + 1) * batch_size))
+            yield (*data.collate(indices), [data.examples[i] for i in indices])
+
+    def losses(batch: tuple) -> dict[str, torch.Tensor]:
+        inputs, answer_ids, examples = batch
+        return step_losses(model, heads, inputs, answer_ids, examples, digit_word_ids)
+
     with tqdm(total=total_steps, disable=not progress, desc="training built-in ViLT", unit="step") as bar:
         for k, (data, steps) in enumerate(stages):
             if len(stages) > 1 and len(data):
                 bar.set_description(f"training built-in ViLT, stage {k + 1}/{len(stages)} "
                                     f"({data.examples[0].canvas_px} px)")
-            for step in range(steps):
-                indices = list(range(step * batch_size, (step + 1) * batch_size))
-                inputs, answer_ids = data.collate(indices)
-                parts = step_losses(model, heads, inputs, answer_ids, [data.examples[i] for i in indices],
-                                    digit_word_ids)
-                optimizer.zero_grad(set_to_none=True)
-                sum(parts.values()).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                history.append({k: v.item() for k, v in parts.items()})
+            for values in train_steps(stage_batches(data, steps), losses, optimizer, scheduler, model.parameters()):
+                history.append({key: v for key, v in values.items() if key != "loss"})
                 bar.update()
-                if step % 10 == 0:
-                    bar.set_postfix({k: f"{np.mean([h[k] for h in history[-20:]]):.2f}"
-                                     for k in ("answer", "patch", "layout")})
+                if len(history) % 10 == 1:
+                    bar.set_postfix({key: f"{np.mean([h[key] for h in history[-20:]]):.2f}"
+                                     for key in ("answer", "patch", "layout")})
     model.eval()
     return history

@@ -1,4 +1,4 @@
-"""Settings and result of a ``pumer-plug finetune`` run (see :mod:`~pumer_plug.evaluation.finetune`)."""
+"""Settings and result of a ``pumer-plug finetune`` run (see :mod:`~pumer_plug.evaluation.training.finetune`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pumer_plug.errors import UserError
 
 DENSE = ("none", "dense")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -19,16 +21,16 @@ class FinetuneConfig:
     Attributes:
         method: registered method name, or "none"/"dense" to finetune the dense model.
         method_config: config object, preset name, JSON/YAML path or mapping; None takes the
-            task's ``default_config(method)``.
+            task's ``default_config(method)``. A method's own loss weights (DynamicViT's
+            ``keep_ratio_weight``) live in its config.
         epochs: maximum epochs (PuMer: 20).
         patience: stop after this many epochs without a better val accuracy (PuMer: 5).
         batch_size: training examples per step and process.
         steps_per_epoch: cap on the steps of an epoch (None: the whole train split).
-        num_train_examples: train split size (tasks without ``train_batches`` only).
+        num_train_examples: train split size (passed to ``Task.train_batches``).
         num_val_examples: val examples used for early stopping.
         distill: distil from the frozen dense model; ``distill_weight`` scales the KL term,
             ``temperature`` softens both logits; ``hidden_distill_weight`` scales the hidden term.
-        keep_ratio_weight: weight of DynamicViT's keep-ratio loss.
         checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
     """
 
@@ -50,7 +52,6 @@ class FinetuneConfig:
     distill_weight: float = 1.0
     temperature: float = 1.0
     hidden_distill_weight: float = 0.0
-    keep_ratio_weight: float = 2.0
     seed: int = 0
     checkpoint_every: int = 0
     mixed_precision: str = "no"
@@ -65,7 +66,7 @@ class FinetuneConfig:
             (("seed", "checkpoint_every"), lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
             (("steps_per_epoch",), lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an int >= 1"),
             (("learning_rate", "predictor_learning_rate", "temperature"), lambda v: number(v) and v > 0, "a number > 0"),
-            (("weight_decay", "distill_weight", "hidden_distill_weight", "keep_ratio_weight"),
+            (("weight_decay", "distill_weight", "hidden_distill_weight"),
              lambda v: number(v) and v >= 0, "a number >= 0"),
             (("max_grad_norm",), lambda v: v is None or (number(v) and v > 0), "None or a number > 0"),
             (("warmup_fraction",), lambda v: number(v) and 0 <= v < 1, "in [0, 1)"),
@@ -76,9 +77,9 @@ class FinetuneConfig:
             for name in names:
                 value = getattr(self, name)
                 if isinstance(value, bool) or not ok(value):
-                    raise ValueError(f"FinetuneConfig.{name} must be {expected}, got {value!r}")
+                    raise UserError(f"FinetuneConfig.{name} must be {expected}, got {value!r}")
         if not isinstance(self.distill, bool):
-            raise ValueError(f"FinetuneConfig.distill must be a bool, got {self.distill!r}")
+            raise UserError(f"FinetuneConfig.distill must be a bool, got {self.distill!r}")
 
     @property
     def method_name(self) -> str | None:
@@ -92,10 +93,8 @@ class FinetuneConfig:
 
 
 def config_to_dict(config: Any) -> Any:
-    """A method config as plain JSON values (dataclass fields; tuples become lists)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return json.loads(json.dumps(dataclasses.asdict(config)))
-    return config
+    """A method config as plain JSON values (``config.to_dict()``; tuples become lists); None stays None."""
+    return None if config is None else json.loads(json.dumps(config.to_dict()))
 
 
 @dataclass

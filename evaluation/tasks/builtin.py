@@ -2,7 +2,7 @@
 
 ``pumer-plug compare`` needs a real trained vision-language model without downloads. This module
 defines it (``builtin_vilt_config``), trains it on this machine's CPU in a few minutes
-(``train_builtin_model``, recipe in :mod:`~pumer_plug.evaluation.builtin_training`), and keeps it
+(``train_builtin_model``, recipe in :mod:`~pumer_plug.evaluation.tasks.builtin_training`), and keeps it
 in a cache that is validated before every use and written atomically (``load_builtin_model``).
 
 Model: ``ViltForQuestionAnswering`` with 6 layers, C = 128, 4 heads, patch 16 on a 192 px
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import platformdirs
 import torch
 from tokenizers import Tokenizer
 from torch import nn
@@ -182,7 +183,7 @@ def train_builtin_model(output_dir: str | Path, seed: int = 0, curriculum: tuple
     Args:
         output_dir: directory to write (created if missing).
         seed: seed of the initialisation, the training examples and the val questions.
-        curriculum: the canvas curriculum (:data:`~pumer_plug.evaluation.builtin_training.CURRICULUM`);
+        curriculum: the canvas curriculum (:data:`~pumer_plug.evaluation.tasks.builtin_training.CURRICULUM`);
             every step sees ``batch_size`` fresh examples.
         batch_size: examples per step.
         progress: show a tqdm bar.
@@ -225,10 +226,11 @@ def train_builtin_model(output_dir: str | Path, seed: int = 0, curriculum: tuple
 def builtin_model_dir(cache_dir: str | Path | None = None) -> Path:
     """Returns where the built-in model is cached: ``<root>/builtin-digits-vqa``.
 
-    ``<root>`` is ``cache_dir`` if given, else ``$PUMER_PLUG_CACHE`` if set, else
-    ``~/.cache/pumer-plug``.
+    ``<root>`` is ``cache_dir`` if given, else ``$PUMER_PLUG_CACHE`` if set, else the user cache
+    folder of the platform (``platformdirs.user_cache_dir("pumer-plug")``: ``~/.cache/pumer-plug``
+    on Linux, ``$XDG_CACHE_HOME`` respected).
     """
-    root = cache_dir or os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "pumer-plug"
+    root = cache_dir or os.environ.get(CACHE_ENV_VAR) or platformdirs.user_cache_dir("pumer-plug")
     return Path(root).expanduser() / BUILTIN_NAME
 
 

@@ -1,6 +1,6 @@
 """Finetuning outputs on disk: checkpoint RNG states and trainer state, and loading a finished run.
 
-See :mod:`~pumer_plug.evaluation.finetune` for the layout of an output directory.
+See :mod:`~pumer_plug.evaluation.training.finetune` for the layout of an output directory.
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pumer_plug.config import load_method_config
-from pumer_plug.handle import apply
+from pumer_plug.errors import UserError
+from pumer_plug.evaluation.tasks.base import attach_method, load_config
 
 CHECKPOINT = "checkpoint"
-PREDICTORS = "predictors.safetensors"
+#: the method's ``state_dict()`` (DynamicViT's predictors; the name older runs used)
+METHOD_STATE = "predictors.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,7 +53,7 @@ def check_same_settings(saved: dict[str, Any], current: dict[str, Any], output_d
     ignored = {"checkpoint_every"}
     differ = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
     if differ:
-        raise ValueError(f"the checkpoint in {output_dir} was made with other settings ({', '.join(differ)}); "
+        raise UserError(f"the checkpoint in {output_dir} was made with other settings ({', '.join(differ)}); "
                          "resume with the same options or choose another --output")
 
 
@@ -60,21 +61,21 @@ def read_method(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "method.json").read_text())
     except OSError:
-        raise ValueError(f"{path} holds no finetuned model (no method.json)") from None
+        raise UserError(f"{path} holds no finetuned model (no method.json)") from None
 
 
 def load_finetuned(path: str | Path, model: nn.Module | None = None, device: str = "cpu") -> tuple[nn.Module, str, Any]:
     """Returns ``(model, method, config)`` of a :func:`finetune` output directory.
 
     ``method`` is the registered method name or "dense" (then ``config`` is None). The model comes
-    back unplugged, in eval mode; :func:`attach_finetuned` attaches the method with its trained
-    parameters (DynamicViT's predictors).
+    back unplugged, in eval mode; :func:`attach_finetuned` attaches the method with its learned
+    state.
 
     Args:
         model: a model to load the weights into; needed unless the model is a transformers class.
 
     Raises:
-        ValueError: ``path`` is not a finetune output, or holds a model that is not a transformers
+        UserError: ``path`` is not a finetune output, or holds a model that is not a transformers
             class and no ``model`` was given.
     """
     path = Path(path)
@@ -85,18 +86,18 @@ def load_finetuned(path: str | Path, model: nn.Module | None = None, device: str
         name = json.loads((path / "finetune.json").read_text())["model_class"]
         model_cls = getattr(transformers, name, None)
         if model_cls is None:
-            raise ValueError(f"{path} holds a {name}, not a transformers class; pass model= to load the weights into")
+            raise UserError(f"{path} holds a {name}, not a transformers class; pass model= to load the weights into")
         model = model_cls.from_pretrained(path)
     else:
         from safetensors.torch import load_model
 
         load_model(model, str(path / "model.safetensors"))
-    config = None if spec["method"] == "dense" else load_method_config(spec["method"], spec["config"])
+    config = None if spec["method"] == "dense" else load_config(spec["method"], spec["config"])
     return model.to(device).eval(), spec["method"], config
 
 
 def attach_finetuned(model: nn.Module, path: str | Path, adapter: str | None = None) -> Any:
-    """Attaches the method saved in ``path`` to ``model`` with its trained parameters.
+    """Attaches the method saved in ``path`` to ``model`` with its learned state (``load_state_dict``).
 
     Returns:
         The :class:`~pumer_plug.handle.ReductionHandle`, or a no-op context manager for a dense run.
@@ -105,11 +106,14 @@ def attach_finetuned(model: nn.Module, path: str | Path, adapter: str | None = N
     spec = read_method(path)
     if spec["method"] == "dense":
         return contextlib.nullcontext()
-    config = load_method_config(spec["method"], spec["config"])
-    handle = apply(model, adapter=adapter or spec["adapter"], config=config, method=spec["method"])
-    if spec.get("predictors"):
-        handle.method.load_predictors(str(path / spec["predictors"]))
+    config = load_config(spec["method"], spec["config"])
+    handle = attach_method(model, adapter or spec["adapter"], spec["method"], config)
+    if spec["state"]:
+        from safetensors.torch import load_file
+
         first = next(model.parameters(), None)
-        if first is not None:
-            handle.method.modules().to(device=first.device, dtype=first.dtype)
+        modules = handle.method.modules()
+        if first is not None and modules is not None:
+            modules.to(device=first.device, dtype=first.dtype)
+        handle.method.load_state_dict(load_file(str(path / spec["state"])))
     return handle

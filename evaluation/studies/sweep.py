@@ -7,7 +7,7 @@ record per point is appended to ``results.jsonl`` as soon as it is measured; re-
 points that finished (key: method + canonical config JSON, plus the finetuning settings with
 ``--finetune``), retries points that failed, and a point that fails records its error instead of
 ending the sweep. ``--finetune`` trains each point first (with distillation, see
-:mod:`~pumer_plug.evaluation.finetune`) into ``finetuned/<point>/``; its cost is measured
+:mod:`~pumer_plug.evaluation.training.finetune`) into ``finetuned/<point>/``; its cost is measured
 plug-and-play on the reference model with the same config (weights do not change the token
 counts, so they do not change the cost).
 
@@ -36,7 +36,7 @@ Table 4 rows: ratios, number and location of reduction layers).
 
 Example:
     >>> grid = load_grid("table3")
-    >>> run_sweep(get_task("builtin", num_test_examples=300), grid.points, "results/sweep/table3/results.jsonl")
+    >>> run_sweep(get_task("builtin", TaskOptions(num_test_examples=300)), grid.points, "results/sweep/table3/results.jsonl")
 """
 from __future__ import annotations
 
@@ -53,14 +53,15 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pumer_plug.config import load_method_config, read_config_file
-from pumer_plug.evaluation.finetune import FinetuneConfig, attach_finetuned, config_to_dict, finetune, load_finetuned
+from pumer_plug.config import read_config_file
+from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_peak_memory, measure_throughput
-from pumer_plug.evaluation.report import compare_rows
+from pumer_plug.evaluation.studies.report import compare_rows
+from pumer_plug.evaluation.tasks.base import Task, load_config, on_device
+from pumer_plug.evaluation.training.finetune import (FinetuneConfig, attach_finetuned, config_to_dict, finetune,
+                                                     load_finetuned)
 from pumer_plug.handle import apply
 from pumer_plug.registry import METHODS
-
-DISPLAY_NAMES = {"pumer": "PuMer", "tome": "ToMe", "dynamicvit": "DynamicViT", "smres": "SmRes", "dense": "dense"}
 BLOCK_KEYS = {"method", "base", "vary", "configs", "label", "series", "group", "finetune"}
 ENTRY_KEYS = {"label", "series", "group", "finetune"}
 
@@ -145,16 +146,16 @@ def load_grid(spec: str) -> Grid:
     path = Path(spec)
     if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
         return parse_grid(read_config_file(path), str(path), path.stem)
-    raise ValueError(f"{spec!r} is neither a sweep preset ({', '.join(sorted(PRESETS))}) nor a .yaml/.json grid file")
+    raise UserError(f"{spec!r} is neither a sweep preset ({', '.join(sorted(PRESETS))}) nor a .yaml/.json grid file")
 
 
 def parse_grid(data: Any, source: str, default_name: str = "sweep") -> Grid:
     """Expands a grid mapping (the grid-file schema) into points; see the module docstring."""
     if not isinstance(data, dict) or not isinstance(data.get("points"), list) or not data["points"]:
-        raise ValueError(f"{source}: expected a mapping with a non-empty 'points' list")
+        raise UserError(f"{source}: expected a mapping with a non-empty 'points' list")
     unknown = sorted(set(data) - {"name", "points"})
     if unknown:
-        raise ValueError(f"{source}: unknown top-level key(s) {unknown}; allowed: name, points")
+        raise UserError(f"{source}: unknown top-level key(s) {unknown}; allowed: name, points")
     points: list[SweepPoint] = []
     for index, block in enumerate(data["points"]):
         where = f"{source}: points[{index}]"
@@ -162,7 +163,7 @@ def parse_grid(data: Any, source: str, default_name: str = "sweep") -> Grid:
             points += _expand_block(block, where)
         except ValueError as err:
             message = str(err)
-            raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+            raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
     return Grid(str(data.get("name") or default_name), points)
 
 
@@ -185,10 +186,10 @@ def _expand_block(block: Any, where: str) -> list[SweepPoint]:
     points = []
     for entry, combo in itertools.product(entries, itertools.product(*vary.values())):
         fields = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
-        config = load_method_config(method, {**base, **fields, **dict(zip(vary, combo))})
+        config = load_config(method, {**base, **fields, **dict(zip(vary, combo))})
         meta = {k: entry.get(k, block.get(k)) for k in ENTRY_KEYS}
-        series = str(meta["series"] or DISPLAY_NAMES.get(method, method))
-        label = str(meta["label"] or f"{series} {_describe(config)}")
+        series = str(meta["series"] or METHODS.get(method).display_name)
+        label = str(meta["label"] or f"{series} {config.describe()}")
         group = None if meta["group"] is None else str(meta["group"])
         points.append(SweepPoint(method, config, label, series, group, _finetune_overrides(meta["finetune"])))
     return points
@@ -199,7 +200,7 @@ def _base_values(method: str, base: Any) -> dict[str, Any]:
         return {}
     if isinstance(base, dict):
         return dict(base)
-    return config_to_dict(load_method_config(method, base))
+    return config_to_dict(load_config(method, base))
 
 
 def _finetune_overrides(values: Any) -> tuple[tuple[str, Any], ...]:
@@ -213,20 +214,6 @@ def _finetune_overrides(values: Any) -> tuple[tuple[str, Any], ...]:
         raise ValueError(f"'finetune' has unknown FinetuneConfig field(s) {unknown}")
     FinetuneConfig(**values)  # checks the values
     return tuple(sorted(values.items()))
-
-
-def _describe(config: Any) -> str:
-    """The config's ``describe()``, else its first field and those that differ from the defaults (ToMe: ``r=12``)."""
-    if hasattr(config, "describe"):
-        return config.describe()
-    values = config_to_dict(config)
-    try:
-        defaults = config_to_dict(type(config)())
-    except Exception:  # a config class without defaults
-        defaults = {}
-    first = next(iter(values), None)
-    shown = {k: v for k, v in values.items() if k == first or defaults.get(k, object()) != v}
-    return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
 # -- results -------------------------------------------------------------------------------------------
@@ -267,7 +254,7 @@ def _unique(points: Sequence[SweepPoint], finetune_base: FinetuneConfig | None) 
 class _Reference:
     """The dense model of this run and what every point is measured against."""
 
-    task: Any
+    task: Task
     model: torch.nn.Module
     test: list
     timing: list
@@ -278,13 +265,13 @@ class _Reference:
     gflops: float = 0.0
 
 
-def _reference(task: Any, batch_size: int, timing_batches: int, device: str) -> _Reference:
+def _reference(task: Task, batch_size: int, timing_batches: int, device: str) -> _Reference:
     dev = torch.device(device)
     model = task.load_model(dev).eval()
-    test = [({k: v.to(dev) if torch.is_tensor(v) else v for k, v in x.items()}, y.to(dev))
-            for x, y in task.batches("test", batch_size)]
+    test = on_device(task.batches("test", batch_size), dev, torch.float32)
     env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(), "eager")
-    ref = _Reference(task, model, test, [x for x, _ in test[:timing_batches]], dev, {**env, "task": task.name})
+    timing = [x for x, _ in itertools.islice(test, timing_batches)]
+    ref = _Reference(task, model, test, timing, dev, {**env, "task": task.name, "metric": task.metric})
     ref.accuracy = task.accuracy(model, test)
     ref.memory = measure_peak_memory(model, ref.timing[0], None, device=dev)
     ref.gflops = measure_flops(model, ref.timing[0], None, device=dev)
@@ -301,8 +288,7 @@ def _point_accuracy(ref: _Reference, point: SweepPoint, finetune_base: FinetuneC
     folder = output_dir / "finetuned" / f"{point.method}-{slug}"
     result = finetune(task, point.finetune_config(finetune_base), folder, resume=True,
                       device=str(ref.device), progress=progress)
-    model = None if hasattr(ref.model, "save_pretrained") else task.load_model(ref.device)
-    model, _, _ = load_finetuned(folder, model=model, device=str(ref.device))
+    model, _, _ = load_finetuned(folder, model=task.load_model(ref.device), device=str(ref.device))
     with attach_finetuned(model, folder, adapter=task.adapter):
         accuracy = task.accuracy(model, ref.test)
     return accuracy, {"finetuned_dir": str(folder), "best_val_accuracy": result.best_val_accuracy,
@@ -340,11 +326,11 @@ def _check_settings(records: list[dict[str, Any]], settings: dict[str, Any], pat
     for record in records:
         differ = sorted(k for k, v in settings.items() if k in record and record[k] != v)
         if differ:
-            raise ValueError(f"{path} holds results measured with other settings "
+            raise UserError(f"{path} holds results measured with other settings "
                              f"({', '.join(f'{k}={record[k]!r}' for k in differ)}); choose another --output")
 
 
-def run_sweep(task: Any, points: Sequence[SweepPoint], results_path: str | Path, *, name: str = "sweep",
+def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path, *, name: str = "sweep",
               finetune_base: FinetuneConfig | None = None, batch_size: int = 64, device: str = "cpu",
               rounds: int = 3, timing_batches: int = 2, progress: bool = True) -> list[dict[str, Any]]:
     """Measures every unfinished point and appends one record per point (and one dense record) to ``results_path``.
@@ -353,12 +339,12 @@ def run_sweep(task: Any, points: Sequence[SweepPoint], results_path: str | Path,
         The records written by this call (dense first); ``[]`` when every point had finished.
 
     Raises:
-        ValueError: the results file holds records of another task or test-split size.
+        UserError: the results file holds records of another task or test-split size.
     """
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = read_records(path)
-    settings = {"task": task.name, "num_test_examples": getattr(task, "num_test_examples", None)}
+    settings = {"task": task.name, "num_test_examples": task.options.num_test_examples}
     _check_settings(records, settings, path)
     done = {r.get("key") for r in records if r.get("status") == "ok"}
     todo = [(p, labels) for p, labels in _unique(points, finetune_base) if p.key(finetune_base) not in done]
@@ -374,7 +360,7 @@ def run_sweep(task: Any, points: Sequence[SweepPoint], results_path: str | Path,
         started = time.perf_counter()
         record = {**common, "key": point.key(finetune_base), "method": point.method, "label": point.label,
                   "labels": labels, "series": point.series, "group": point.group, "config": config_to_dict(point.config),
-                  "config_label": _describe(point.config), "finetune": dict(point.finetune) or None}
+                  "config_label": point.config.describe(), "finetune": dict(point.finetune) or None}
         try:
             record.update(_measure_point(ref, point, finetune_base, rounds, path.parent, progress), status="ok", error=None)
         except Exception as err:  # a failing point is recorded, the sweep goes on

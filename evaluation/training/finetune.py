@@ -8,14 +8,14 @@ uses AdamW at lr 1e-4, weight decay 0.01, 10% linear warm-up then linear decay, 
 off. Defaults here are that recipe scaled to a CPU: 4 epochs of 64 steps of 32 examples,
 patience 2 (about 2 minutes for the built-in model on 2 cores).
 
-Loss: ``task + distill_weight * tau^2 KL(teacher/tau || student/tau)
-+ hidden_distill_weight * MSE(first final hidden token) + keep_ratio_weight * keep_ratio_loss``.
+Loss: ``task.loss + distill_weight * tau^2 KL(teacher/tau || student/tau)
++ hidden_distill_weight * MSE(first final hidden token) + the method's training_losses()``.
 The hidden term compares only the first token of the final hidden states (the text [CLS] of
 ViLT, the token its pooler and classifier read): every method protects it and plans keep it
-first, while the other tokens of a reduced model have no one-to-one teacher counterpart. The
-keep-ratio term (DynamicViT ``ratio_weight = 2``) is added for DynamicViT, whose predictors
-(``handle.method.modules()``, built by one forward) train at ``predictor_learning_rate`` and are
-saved apart from the backbone with ``save_predictors``.
+first, while the other tokens of a reduced model have no one-to-one teacher counterpart. A method's
+own terms come weighted from ``method.training_losses()`` (DynamicViT: ``{"keep_ratio": ...}``,
+weighted by its config); its learned modules (``method.modules()``, built by ``apply()``) train at
+``predictor_learning_rate`` and its ``state_dict()`` is saved apart from the backbone.
 
 Several GPUs (accelerate: ``Accelerator``, ``prepare``, ``backward``; no hand-written
 distributed code)::
@@ -26,19 +26,18 @@ Each process takes every n-th batch (global batch = ``batch_size`` x processes) 
 whole val split, so all processes take the same early-stopping decision.
 
 Output directory: ``config.json`` + ``model.safetensors`` (the best epoch, ``save_pretrained``),
-``predictors.safetensors`` (DynamicViT), ``method.json`` (method, config, adapter),
+``predictors.safetensors`` (the method's ``state_dict()``, when it has learned state), ``method.json`` (method, config, adapter),
 ``metrics.jsonl`` (one line per epoch), ``finetune.json`` (settings and summary), and
 ``checkpoint/`` (last state: ``model.safetensors``, ``optimizer.pt``, ``scheduler.pt``,
 ``rng_<process>.pt`` written with ``torch.save`` of plain tensors and dicts and read back with
 ``weights_only=True``, and ``trainer_state.json``). ``accelerator.save_state`` is not used: it
 pickles RNG states that only load with ``weights_only=False``.
 
-Tasks: the ``EvalTask`` protocol of :mod:`~pumer_plug.evaluation.compare` (``load_model`` must
-return a fresh model each call: finetuning changes its weights in place) plus
-``train_batches(batch_size, seed) -> sequence of (inputs, targets)`` (called once per epoch with
-a seed derived from the run seed and the epoch) and optionally ``loss(logits, targets)``
-(default: cross-entropy). For the built-in task, :func:`train_batches_of` builds the batches from
-``task.dataset``; its loss is the default.
+Tasks: a :class:`~pumer_plug.evaluation.tasks.Task` (``load_model`` returns a fresh model each
+call: finetuning changes its weights in place) whose ``train_batches(batch_size, seed,
+num_examples)`` is called once per epoch with a seed derived from the run seed and the epoch; the
+task loss is ``task.loss(logits, targets)``. Steps go through the shared loop
+(:func:`~pumer_plug.evaluation.training.loop.train_steps`), with transformers' linear schedule.
 
 Example:
     >>> result = finetune(get_task("builtin"), FinetuneConfig(method="pumer"), "runs/ft-pumer")
@@ -58,40 +57,21 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pumer_plug.baselines.dynamicvit import DynamicViT, distillation_loss, keep_ratio_loss
-from pumer_plug.config import load_method_config
-from pumer_plug.handle import ReductionHandle, apply
+from pumer_plug.errors import UserError
+from pumer_plug.evaluation.tasks.base import Task, attach_method, load_config, on_device
+from pumer_plug.handle import ReductionHandle
 
 from .finetune_config import DENSE, MIXED_PRECISION, FinetuneConfig, FinetuneResult, config_to_dict
-from .finetune_data import Batch, EpochBatches, Reiterable, single_batch, train_batches_of, val_batches_of
-from .finetune_io import (CHECKPOINT, PREDICTORS, attach_finetuned, check_same_settings, load_finetuned,
+from .finetune_data import Batch, EpochBatches, single_batch, train_batches_of
+from .finetune_io import (CHECKPOINT, METHOD_STATE, attach_finetuned, check_same_settings, load_finetuned,
                           read_trainer_state, rng_state, set_rng_state)
+from .loop import decay_groups, schedule, train_steps
+from .losses import distillation_loss, hidden_distillation_loss
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "load_finetuned", "attach_finetuned", "config_to_dict",
-           "train_batches_of", "val_batches_of", "task_loss", "hidden_distillation_loss", "DENSE", "MIXED_PRECISION"]
-
-
-def task_loss(task: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``task.loss(logits, targets)`` if the task defines one, else cross-entropy over answer ids."""
-    if hasattr(task, "loss"):
-        return task.loss(logits, targets)
-    return F.cross_entropy(logits.float(), targets)
-
-
-def hidden_distillation_loss(student_outputs: Any, teacher_outputs: Any) -> torch.Tensor:
-    """MSE between the first token of the student's and the teacher's final hidden states.
-
-    Shapes:
-        hidden_states[-1] (B, N_student, C) and (B, N_teacher, C) -> scalar
-    """
-    student, teacher = getattr(student_outputs, "hidden_states", None), getattr(teacher_outputs, "hidden_states", None)
-    if not student or not teacher:
-        raise ValueError("hidden_distill_weight > 0 needs a model whose outputs have hidden_states "
-                         "(output_hidden_states=True)")
-    return F.mse_loss(student[-1][:, 0].float(), teacher[-1][:, 0].detach().float())
+           "train_batches_of", "distillation_loss", "hidden_distillation_loss", "DENSE", "MIXED_PRECISION"]
 
 
 # -- the model being trained -----------------------------------------------------------------------
@@ -109,27 +89,12 @@ class _Student(nn.Module):
 
 
 def _optimizer(backbone: nn.Module, predictors: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on the backbone's matrices only; predictors at their own learning rate."""
-    decay = [p for p in backbone.parameters() if p.ndim >= 2]
-    no_decay = [p for p in backbone.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW; weight decay on the backbone's matrices only; the method's modules at their own learning rate."""
+    groups = decay_groups(backbone, config.weight_decay)
     if len(list(predictors.parameters())):
         groups.append({"params": list(predictors.parameters()), "weight_decay": config.weight_decay,
                        "lr": config.predictor_learning_rate})
     return torch.optim.AdamW(groups, lr=config.learning_rate)
-
-
-def _schedule(optimizer: torch.optim.Optimizer, total_steps: int,
-              warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_fraction`` of the steps, then linear decay to 0 (PuMer's schedule)."""
-    warmup = max(1, round(warmup_fraction * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -142,7 +107,7 @@ def _fresh_state() -> dict[str, Any]:
 class _Trainer:
     """One finetuning run; holds the accelerator, the student, the teacher and the loop state."""
 
-    def __init__(self, task: Any, config: FinetuneConfig, output_dir: Path, device: str, progress: bool):
+    def __init__(self, task: Task, config: FinetuneConfig, output_dir: Path, device: str, progress: bool):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -157,12 +122,11 @@ class _Trainer:
         self.method_config = None
         if config.method_name is not None:
             spec = config.method_config if config.method_config is not None else task.default_config(config.method_name)
-            self.method_config = load_method_config(config.method_name, spec)
-            self.handle = apply(model, adapter=task.adapter, config=self.method_config, method=config.method_name)
+            self.method_config = load_config(config.method_name, spec)
+            self.handle = attach_method(model, task.adapter, config.method_name, self.method_config)
         self.backbone = model
         try:
-            self.val = val_batches_of(task, config.eval_batch_size, config.num_val_examples)
-            self._build_method_parameters()
+            self.val = task.batches("val", config.eval_batch_size, config.num_val_examples)
             self._prepare()
         except BaseException:
             self.close()
@@ -172,15 +136,6 @@ class _Trainer:
     @property
     def method(self) -> Any:
         return None if self.handle is None else self.handle.method
-
-    def _build_method_parameters(self) -> None:
-        """One eval forward builds lazily created method parameters (DynamicViT's predictors)."""
-        if self.method is None or self.method.modules() is not None or not isinstance(self.method, DynamicViT):
-            return
-        inputs, _ = next(iter(self.val))
-        with torch.no_grad():
-            self.backbone.eval()
-            self.backbone(**inputs)
 
     def _prepare(self) -> None:
         config = self.config
@@ -197,17 +152,17 @@ class _Trainer:
                                              generator=torch.Generator().manual_seed(config.seed))
         self.student, self.optimizer, self.loader = self.accelerator.prepare(student, optimizer, loader)
         self.steps_per_epoch = len(self.loader)
-        self.scheduler = _schedule(self.optimizer, config.epochs * self.steps_per_epoch, config.warmup_fraction)
+        self.scheduler = schedule(self.optimizer, "linear", config.epochs * self.steps_per_epoch, config.warmup_fraction)
 
     # -- one step ----------------------------------------------------------------------------------
     def losses(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The weighted loss terms of one batch (keys: task, distill, hidden, keep_ratio)."""
+        """The weighted loss terms of one batch: task, distill, hidden, and the method's own terms."""
         config, extra = self.config, {}
         if config.hidden_distill_weight > 0:
             extra["output_hidden_states"] = True
         with self.accelerator.autocast():
             outputs = self.student(**inputs, **extra)
-            terms = {"task": task_loss(self.task, outputs.logits, targets)}
+            terms = {"task": self.task.loss(outputs.logits, targets)}
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_outputs = self.teacher(**inputs, **extra)
@@ -215,26 +170,14 @@ class _Trainer:
                 terms["distill"] = config.distill_weight * kl
                 if config.hidden_distill_weight > 0:
                     terms["hidden"] = config.hidden_distill_weight * hidden_distillation_loss(outputs, teacher_outputs)
-            if isinstance(self.method, DynamicViT) and self.method.decisions:
-                terms["keep_ratio"] = config.keep_ratio_weight * keep_ratio_loss(self.method)
+            if self.method is not None:
+                terms.update(self.method.training_losses())
         return terms
-
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        self.student.train()
-        terms = self.losses(*batch)
-        loss = sum(terms.values())
-        self.accelerator.backward(loss)
-        if self.config.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
     def evaluate(self) -> float:
         """Val accuracy with the method attached (eval mode); every process takes the main process's value."""
         device = self.accelerator.device
-        batches = Reiterable(lambda: ((_to(x, device), y.to(device)) for x, y in self.val))
+        batches = on_device(self.val, device)
         accuracy = float(self.task.accuracy(self.accelerator.unwrap_model(self.student).backbone, batches))
         if self.accelerator.num_processes > 1:  # GPU kernels may differ in the last bit; decide together
             from accelerate.utils import broadcast_object_list
@@ -265,8 +208,10 @@ class _Trainer:
         bar = tqdm(loader, total=self.steps_per_epoch, initial=state["batches_done"], unit="step",
                    desc=f"finetune {config.method} epoch {state['epoch'] + 1}/{config.epochs}",
                    disable=not (self.progress and self.accelerator.is_main_process))
-        for batch in bar:
-            values = self.train_step(batch)
+        self.student.train()
+        steps = train_steps(bar, lambda batch: self.losses(*batch), self.optimizer, self.scheduler,
+                            self.student.parameters(), config.max_grad_norm, self.accelerator)
+        for values in steps:
             running = state["running"]
             for key, value in values.items():
                 running[key] = running.get(key, 0.0) + value
@@ -345,22 +290,22 @@ class _Trainer:
         set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=True))
 
     def save_best(self) -> None:
-        """The best epoch so far: backbone weights, DynamicViT predictors, method.json, finetune.json."""
+        """The best epoch so far: backbone weights, the method's learned state, method.json, finetune.json."""
         if not self._main_only():
             return
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
+        from transformers import PreTrainedModel
 
         backbone = self.accelerator.unwrap_model(self.student).backbone
-        if hasattr(backbone, "save_pretrained"):
+        if isinstance(backbone, PreTrainedModel):
             backbone.save_pretrained(self.output_dir, safe_serialization=True)
         else:
             save_model(backbone, str(self.output_dir / "model.safetensors"))
-        predictors = None
-        if self.method is not None and self.method.modules() is not None:
-            predictors = PREDICTORS
-            self.method.save_predictors(str(self.output_dir / predictors))
+        state = self.method.state_dict() if self.method is not None else {}
+        if state:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(self.output_dir / METHOD_STATE))
         method = {"method": self.config.method_name or "dense", "config": config_to_dict(self.method_config),
-                  "adapter": self.task.adapter, "predictors": predictors}
+                  "adapter": self.task.adapter, "state": METHOD_STATE if state else None}
         (self.output_dir / "method.json").write_text(json.dumps(method, indent=2))
         self.write_summary()
 
@@ -373,7 +318,7 @@ class _Trainer:
         if not self.accelerator.is_main_process:
             return
         keys = ("best_val_accuracy", "best_epoch", "initial_val_accuracy", "step", "stopped_early", "finished", "seconds")
-        summary = {"task": getattr(self.task, "name", None), "adapter": self.task.adapter,
+        summary = {"task": self.task.name, "adapter": self.task.adapter,
                    "model_class": type(self.backbone).__name__, "model_module": type(self.backbone).__module__,
                    "epochs_run": len(self.state["history"]), **{k: self.state[k] for k in keys},
                    "num_processes": self.accelerator.num_processes, "device": str(self.accelerator.device),
@@ -386,10 +331,6 @@ class _Trainer:
 
 
 
-def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-
-
 def _result(output_dir: Path, state: dict[str, Any]) -> FinetuneResult:
     return FinetuneResult(output_dir=output_dir, best_val_accuracy=state["best_val_accuracy"],
                           best_epoch=state["best_epoch"], epochs_run=len(state["history"]), steps=state["step"],
@@ -398,30 +339,30 @@ def _result(output_dir: Path, state: dict[str, Any]) -> FinetuneResult:
 
 
 # -- entry points ------------------------------------------------------------------------------------
-def finetune(task: Any, config: FinetuneConfig | None = None, output_dir: str | Path = "results/finetune", *,
+def finetune(task: Task, config: FinetuneConfig | None = None, output_dir: str | Path = "results/finetune", *,
              resume: bool = False, device: str = "cpu", progress: bool = True) -> FinetuneResult:
     """Finetunes ``task``'s model with ``config.method`` attached and writes ``output_dir``.
 
     Args:
-        task: an ``EvalTask`` that can be trained (see :func:`train_batches_of`).
+        task: a task that can be trained (``Task.train_batches``).
         config: the run's settings (default :class:`FinetuneConfig`).
         output_dir: where the weights, metrics and checkpoint go.
         resume: continue from ``output_dir/checkpoint`` if there is one (a finished run returns at once).
         device: "cpu" or "cuda"; under ``accelerate launch`` each process takes its own GPU.
 
     Raises:
-        ValueError: a checkpoint exists and ``resume`` is False, the checkpoint was made with other
+        UserError: a checkpoint exists and ``resume`` is False, the checkpoint was made with other
             settings, an unknown method or a bad method config, or a task that cannot be trained.
     """
     config = config or FinetuneConfig()
     output_dir = Path(output_dir)
     if config.method_name is not None:
         spec = config.method_config if config.method_config is not None else task.default_config(config.method_name)
-        config = dataclasses.replace(config, method_config=load_method_config(config.method_name, spec))
+        config = dataclasses.replace(config, method_config=load_config(config.method_name, spec))
     previous = read_trainer_state(output_dir)
     if previous is not None:
         if not resume:
-            raise ValueError(f"{output_dir} already holds a finetuning checkpoint; pass --resume to continue it "
+            raise UserError(f"{output_dir} already holds a finetuning checkpoint; pass --resume to continue it "
                              "or choose another --output")
         check_same_settings(previous.get("config", {}), config.to_dict(), output_dir)
         if previous["finished"]:

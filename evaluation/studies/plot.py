@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
+from pumer_plug.errors import UserError
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 ANNOTATE_AT_MOST = 12
 
@@ -172,14 +174,14 @@ def plot_results(results_path: str | Path, output_dir: str | Path | None = None,
     Raises:
         ValueError: the file has no finished point.
     """
-    from pumer_plug.evaluation.sweep import read_records
+    from pumer_plug.evaluation.studies.sweep import read_records
 
     results_path = Path(results_path)
     if not results_path.exists():
-        raise ValueError(f"no results file {results_path}; run `pumer-plug sweep` first")
+        raise UserError(f"no results file {results_path}; run `pumer-plug sweep` first")
     dense, points = select_records(read_records(results_path))
     if not points:
-        raise ValueError(f"{results_path} has no finished point to plot")
+        raise UserError(f"{results_path} has no finished point to plot")
     output = Path(output_dir) if output_dir is not None else results_path.parent
     output.mkdir(parents=True, exist_ok=True)
     paths = plot_tradeoff(dense, points, output / "tradeoff", title=title, annotate=annotate)

@@ -15,10 +15,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_throughput
+from pumer_plug.evaluation.measure import DTYPES, Variant, environment_record, measure_flops, measure_throughput, to_device
 from pumer_plug.handle import apply
-
-BENCH_MODELS: dict[str, Callable[..., "BenchSetup"]] = {}
+from pumer_plug.registry import BENCH_MODELS
 
 
 @dataclass
@@ -32,15 +31,7 @@ class BenchSetup:
     description: str
 
 
-def register_bench_model(name: str):
-    def decorator(fn: Callable[..., BenchSetup]) -> Callable[..., BenchSetup]:
-        BENCH_MODELS[name] = fn
-        return fn
-
-    return decorator
-
-
-@register_bench_model("vilt-b32")
+@BENCH_MODELS.register("vilt-b32")
 def vilt_b32(batch_size: int = 8, text_len: int = 40, image_hw: tuple[int, int] = (384, 640)) -> BenchSetup:
     """ViLT-B/32 from the default ``ViltConfig``; PuMer at layers 2,4,6,8, k=0.1, r=0.3, t=0.2."""
     from transformers import ViltConfig, ViltForQuestionAnswering
@@ -61,7 +52,8 @@ def vilt_b32(batch_size: int = 8, text_len: int = 40, image_hw: tuple[int, int] 
 
 
 def reducer_time_share(model: nn.Module, batch: dict, attach: Callable, forwards: int = 3) -> float:
-    """Fraction of the plugged forward's wall time spent inside the handle's hooks (CPU timing)."""
+    """Fraction of the plugged forward's wall time spent inside the handle's hooks (host timing:
+    on CUDA it counts the time to launch the hooks' kernels, not to run them)."""
     handle = attach(model)
     try:
         with torch.inference_mode():
@@ -77,20 +69,27 @@ def reducer_time_share(model: nn.Module, batch: dict, attach: Callable, forwards
 
 
 def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup: int = 1,
-              num_threads: int | None = None) -> dict[str, Any]:
+              num_threads: int | None = None, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """Times dense vs. plugged interleaved, counts FLOPs and the reducers' time share.
+
+    Args:
+        device: where the model and batch run ("cpu", "cuda", "cuda:1").
+        dtype: one of ``measure.DTYPES``; the model and the batch's float tensors are cast to it.
 
     Returns:
         A JSON-ready dict with ``throughput_increase``, ``flops_ratio``, ``reducer_time_share``,
-        per-variant ``throughput_per_s`` and ``gflops_per_example``, token counts and the environment.
+        per-variant ``throughput_per_s`` and ``gflops_per_example``, token counts and the environment
+        (device and dtype included).
     """
-    model, batch = setup.model, setup.batch
+    dev, cast = torch.device(device), DTYPES[dtype]
+    model = setup.model.to(device=dev, dtype=cast).eval()
+    batch = to_device(setup.batch, dev, cast)
 
     def attach(m: nn.Module):
         return apply(m, adapter=setup.adapter, config=setup.config, method=method)
 
-    variants = [Variant("dense", "-", None), Variant(method, _describe(setup.config), attach)]
-    speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup)
+    variants = [Variant("dense", "-", None), Variant(method, setup.config.describe(), attach)]
+    speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup, device=dev)
     dense_gflops = measure_flops(model, batch)
     reduced_gflops = measure_flops(model, batch, attach)
     with attach(model) as handle, torch.inference_mode():
@@ -101,7 +100,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
     return {
         "benchmark": setup.description,
         "method": method,
-        "config": _describe(setup.config),
+        "config": setup.config.describe(),
         "dense_throughput_per_s": speed["dense"].throughput_per_s,
         "reduced_throughput_per_s": speed[method].throughput_per_s,
         "throughput_increase": speed[method].throughput_per_s / speed["dense"].throughput_per_s,
@@ -111,7 +110,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
         "reducer_time_share": share,
         "token_counts": counts,
         "rounds": rounds,
-        **environment_record("cpu", "float32", batch_size, num_threads or torch.get_num_threads(), "eager"),
+        **environment_record(dev, cast, batch_size, num_threads or torch.get_num_threads(), "eager"),
     }
 
 
@@ -125,11 +124,7 @@ def _random_batch(batch_size: int, text_len: int, image_size: int) -> dict[str, 
     }
 
 
-def _describe(config: Any) -> str:
-    return config.describe() if hasattr(config, "describe") else repr(config)
-
-
-@register_bench_model("meter-base")
+@BENCH_MODELS.register("meter-base")
 def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -> BenchSetup:
     """METER-CLIP16-RoBERTa base from the default ``MeterConfig`` (VQA head); PuMer preset ``meter-vqa``
     (co-attention blocks 0-3, k = r = t = 0.2). The paper's figure for this setting is 92 -> 64.7
@@ -146,7 +141,7 @@ def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -
     return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc)
 
 
-@register_bench_model("bridgetower-base")
+@BENCH_MODELS.register("bridgetower-base")
 def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     """``BridgeTowerModel`` from the default ``BridgeTowerConfig`` (random init) at its image size;
     PuMer with the METER VQAv2 ratios on cross-modal layers 0-3 (k = r = t = 0.2)."""

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from tabulate import tabulate
 
-from .measure import MEMORY_METHODS
+from pumer_plug.evaluation.measure import MEMORY_METHODS, MemoryResult, ThroughputResult
 
 # Printed header -> row key, in the printed order.
 TABLE_COLUMNS: dict[str, str] = {
@@ -39,9 +39,20 @@ EXTRA_KEYS = ("baseline", "latency_ms", "throughput_per_s_rounds", "activation_m
 MEASUREMENT_KEYS = frozenset(TABLE_COLUMNS.values()) | frozenset(EXTRA_KEYS)
 
 
-def _field(value: Any, attribute: str) -> Any:
-    """Returns ``value.attribute`` for result objects, ``value`` itself for plain numbers."""
-    return getattr(value, attribute, value)
+def _throughput_fields(value: ThroughputResult | float | None) -> dict[str, Any]:
+    """The throughput columns of a ``ThroughputResult`` or of a plain examples/s number."""
+    if isinstance(value, ThroughputResult):
+        return {"throughput_per_s": value.throughput_per_s, "latency_ms": value.latency_ms,
+                "throughput_per_s_rounds": list(value.throughput_per_s_rounds)}
+    return {"throughput_per_s": value, "latency_ms": None, "throughput_per_s_rounds": []}
+
+
+def _memory_fields(value: MemoryResult | float | None) -> dict[str, Any]:
+    """The memory columns of a ``MemoryResult`` or of a plain peak in MiB."""
+    if isinstance(value, MemoryResult):
+        return {"peak_memory_mib": value.peak_memory_mib, "activation_memory_mib": value.activation_memory_mib,
+                "memory_method": value.memory_method}
+    return {"peak_memory_mib": value, "activation_memory_mib": None, "memory_method": None}
 
 
 def _lookup(table: Mapping[str, Any] | None, name: str, what: str) -> Any:
@@ -63,16 +74,10 @@ def _measurements(name: str, accuracy, throughput, memory, gflops) -> dict[str, 
     acc = _lookup(accuracy, name, "accuracy")
     if acc is not None and not 0.0 <= acc <= 1.0:
         raise ValueError(f"accuracy of {name!r} must be a fraction in [0, 1], got {acc}")
-    tput = _lookup(throughput, name, "throughput")
-    mem = _lookup(memory, name, "memory")
     return {
         "accuracy": acc,
-        "throughput_per_s": _field(tput, "throughput_per_s"),
-        "latency_ms": getattr(tput, "latency_ms", None),
-        "throughput_per_s_rounds": list(getattr(tput, "throughput_per_s_rounds", ())),
-        "peak_memory_mib": _field(mem, "peak_memory_mib"),
-        "activation_memory_mib": getattr(mem, "activation_memory_mib", None),
-        "memory_method": getattr(mem, "memory_method", None),
+        **_throughput_fields(_lookup(throughput, name, "throughput")),
+        **_memory_fields(_lookup(memory, name, "memory")),
         "gflops_per_example": _lookup(gflops, name, "GFLOPs"),
     }
 

@@ -1,0 +1,112 @@
+"""``pumer-plug compare``: the dense model and reduction methods side by side on a task.
+
+Backbone-agnostic: a :class:`~pumer_plug.evaluation.tasks.Task` gives a model, batches and a
+metric; a method gives an ``apply()``. Columns follow the paper's Table 1: accuracy and its change,
+throughput and its increase (Sec. 5.4: eval mode, inference mode, warm-up, variants interleaved,
+median of rounds), peak memory and its reduction, GFLOPs per example.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from pumer_plug.errors import UserError
+from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environment_record, find_batch_size,
+                                           measure_flops, measure_peak_memory, measure_throughput, to_device)
+from pumer_plug.evaluation.studies.report import compare_rows
+from pumer_plug.evaluation.tasks.base import Task, attach_method, on_device
+
+@dataclass
+class MethodSpec:
+    """A method to compare: registry name, its config, and a label for the table."""
+
+    method: str
+    config: Any
+
+    @property
+    def label(self) -> str:
+        return self.config.describe()
+
+
+def make_variants(task: Task, specs: Sequence[MethodSpec]) -> list[Variant]:
+    """The dense model first, then one variant per method (each attaches with ``apply``)."""
+    variants = [Variant("dense", "-", None)]
+    for spec in specs:
+        variants.append(Variant(spec.method, spec.label, _attacher(task, spec)))
+    return variants
+
+
+def _attacher(task: Task, spec: MethodSpec) -> Callable[[nn.Module], Any]:
+    def attach(model: nn.Module):
+        return attach_method(model, task.adapter, spec.method, spec.config)
+
+    return attach
+
+
+def load_model(task: Task, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The task's model on ``device`` in eval mode, cast to ``dtype``."""
+    return task.load_model(device).to(dtype=dtype).eval()
+
+
+def largest_batch_size(task: Task, model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+    """The largest test batch the dense model runs on ``device`` (CUDA only; see ``find_batch_size``).
+
+    Raises:
+        UserError: the device is not CUDA, or not one example fits.
+    """
+    def make_batch(batch_size: int) -> dict[str, torch.Tensor]:
+        inputs, _ = next(iter(task.batches("test", batch_size, batch_size)))
+        return to_device(inputs, device, dtype)
+
+    return find_batch_size(model, make_batch, None, device=device)
+
+
+def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None = 32, device: str = "cpu",
+                rounds: int = 5, timing_batches: int = 4, progress: bool = True, dtype: str = "float32",
+                predictions_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Evaluates every variant on the task's test split and measures its cost.
+
+    Args:
+        batch_size: examples per batch; None searches the largest that fits (CUDA only).
+        dtype: one of ``DTYPES``: the model and the inputs' float tensors are cast to it.
+        predictions_dir: if given, each variant's predictions go to ``predictions-<name>.jsonl``
+            there (or the task's own format, ``Task.write_predictions``).
+
+    Returns:
+        One row per variant (dense first) with the columns of
+        :func:`~pumer_plug.evaluation.studies.report.compare_rows` and the environment record.
+
+    Raises:
+        UserError: ``batch_size`` is None on a device that is not CUDA, or a method does not fit the model.
+    """
+    dev, cast = torch.device(device), DTYPES[dtype]
+    if batch_size is None and dev.type != "cuda":
+        raise UserError(f"--find-batch-size needs a CUDA device, got {dev}; pass --batch-size instead")
+    model = load_model(task, dev, cast)
+    if batch_size is None:
+        batch_size = largest_batch_size(task, model, dev, cast)
+    test = on_device(task.batches("test", batch_size), dev, cast)
+    variants = make_variants(task, specs)
+    accuracy = {}
+    for variant in tqdm(variants, desc="accuracy", disable=not progress):
+        with attached(model, variant.attach):
+            predictions = task.predictions(model, test)
+        accuracy[variant.name] = task.metrics(predictions)[task.metric]
+        if predictions_dir is not None:
+            Path(predictions_dir).mkdir(parents=True, exist_ok=True)
+            task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
+    timing = [x for x, _ in itertools.islice(test, timing_batches)]
+    throughput = measure_throughput(model, timing, variants, rounds=rounds, warmup=1, device=dev)
+    memory = {v.name: measure_peak_memory(model, timing[0], v.attach, device=dev) for v in variants}
+    gflops = {v.name: measure_flops(model, timing[0], v.attach, device=dev) for v in variants}
+    env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
+    env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
+    return compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
+                        memory=memory, gflops=gflops)
+

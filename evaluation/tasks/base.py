@@ -1,0 +1,218 @@
+"""The task interface: everything ``compare``, ``sweep``, ``finetune`` and the CLI ask of a task.
+
+A task owns a model (``load_model``), batches of ``(inputs, targets)`` per split, and how outputs
+are scored. The harness never names a backbone or a dataset: it calls only the methods below.
+Subclasses set ``name`` and ``adapter``, implement :meth:`Task.load_model` and :meth:`Task.batches`,
+register with ``@TASKS.register("name")`` and are built as ``TASKS.get(name)(TaskOptions(...))``.
+Everything else has a default that fits single-label classification (argmax of the logits,
+accuracy, cross-entropy).
+
+For a metric that is not plain accuracy (VQA score, recall@k), override :meth:`Task.predictions`
+and :meth:`Task.metrics` and set ``metric``: the key of :meth:`Task.metrics` that tables, sweeps
+and early stopping use (a fraction in [0, 1]). For large splits, :meth:`Task.batches` may return a
+``torch.utils.data.DataLoader``: batches are iterated, never held, except the few that are timed.
+
+Example:
+    >>> @TASKS.register("my-vqa")
+    ... class MyVqa(Task):
+    ...     name, adapter = "my-vqa", "vilt"
+    ...     def load_model(self, device): return ViltForQuestionAnswering.from_pretrained(self.options.model).to(device)
+    ...     def batches(self, split, batch_size, num_examples=None): return DataLoader(...)
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pumer_plug.config import load_method_config
+from pumer_plug.errors import UserError
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What a user may say about a task on the command line; a task refuses what it cannot use.
+
+    Attributes:
+        cache_dir: root of the pumer-plug cache (built-in model); None: the default cache.
+        retrain: retrain a model the task trains itself (built-in task) even if cached.
+        num_test_examples: size of the test split; None: the task's default (the whole split).
+        model: a model path or id the task loads (tasks on the user's own checkpoint).
+        data_dir: the folder holding the task's data (tasks on data on disk).
+    """
+
+    cache_dir: str | None = None
+    retrain: bool = False
+    num_test_examples: int | None = None
+    model: str | None = None
+    data_dir: str | None = None
+
+
+@dataclass
+class Predictions:
+    """Per-example outputs of one pass, in batch order.
+
+    Attributes:
+        outputs: what the model answered for every example (default: the argmax class id).
+        targets: the reference of every example (default: the target class id).
+    """
+
+    outputs: list[Any] = field(default_factory=list)
+    targets: list[Any] = field(default_factory=list)
+
+
+class Reiterable:
+    """An iterable that calls ``make()`` for every pass (batches built lazily, pass after pass)."""
+
+    def __init__(self, make: Callable[[], Iterator[Batch]]):
+        self.make = make
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.make()
+
+
+def on_device(batches: Iterable[Batch], device: torch.device | str, dtype: torch.dtype | None = None) -> Reiterable:
+    """``batches`` moved to ``device`` one batch at a time (float inputs cast to ``dtype`` if given), re-iterable."""
+    from pumer_plug.evaluation.measure.variants import to_device
+
+    return Reiterable(lambda: ((to_device(x, device, dtype), y.to(device)) for x, y in batches))
+
+
+def load_config(method: str, spec: Any = None) -> Any:
+    """Returns ``method``'s config from user input (preset, file, mapping, config or None).
+
+    Raises:
+        UserError: unknown method or preset, unreadable file, or a value the config refuses.
+    """
+    try:
+        return load_method_config(method, spec)
+    except ValueError as error:  # a config's validation: the user's value is wrong
+        raise UserError(str(error)) from error
+
+
+def attach_method(model: nn.Module, adapter: str, method: str, config: Any) -> Any:
+    """``pumer_plug.apply()`` for user input: its refusals (a config or adapter that does not fit
+    the model) become one-line user errors naming the method.
+
+    Raises:
+        UserError: ``apply()`` refused the combination.
+    """
+    from pumer_plug.handle import apply
+
+    try:
+        return apply(model, adapter=adapter, config=config, method=method)
+    except ValueError as error:
+        raise UserError(f"{method} on this model: {error}") from error
+
+
+class Task:
+    """Base class of evaluation tasks (see the module docstring for what to override).
+
+    Args:
+        options: the user's options; :meth:`check_options` refuses those the task cannot use.
+    """
+
+    #: name recorded in results (e.g. "builtin-digits-vqa")
+    name: ClassVar[str] = ""
+    #: registered adapter of the task's model (e.g. "vilt")
+    adapter: ClassVar[str] = ""
+    #: key of :meth:`metrics` reported as "accuracy" (a fraction in [0, 1])
+    metric: ClassVar[str] = "accuracy"
+    #: method name -> config spec (preset name or mapping) scaled to the task's model
+    default_configs: ClassVar[dict[str, Any]] = {}
+    #: TaskOptions fields this task uses besides the defaults (others raise in check_options)
+    accepted_options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, options: TaskOptions | None = None) -> None:
+        self.options = options or TaskOptions()
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Raises UserError naming every option set that this task does not use."""
+        unused = sorted(k for k, v in vars(self.options).items()
+                        if v not in (None, False) and k not in self.accepted_options)
+        if unused:
+            raise UserError(f"task {self.name!r} does not take {', '.join('--' + k.replace('_', '-') for k in unused)}")
+
+    # -- required ------------------------------------------------------------------------------------
+    def load_model(self, device: torch.device) -> nn.Module:
+        """Returns a fresh model in eval mode on ``device`` (finetuning changes it in place)."""
+        raise NotImplementedError
+
+    def batches(self, split: str, batch_size: int, num_examples: int | None = None) -> Iterable[Batch]:
+        """Returns re-iterable ``(inputs, targets)`` batches of ``split`` ("train", "val", "test").
+
+        ``inputs`` are the model's keyword arguments on the CPU; ``num_examples`` caps the split
+        (None: the task's default size). A list, or a DataLoader for large splits.
+
+        Raises:
+            UserError: an unknown split.
+        """
+        raise NotImplementedError
+
+    # -- optional ------------------------------------------------------------------------------------
+    def predictions(self, model: nn.Module, batches: Iterable[Batch]) -> Predictions:
+        """Runs ``model`` over ``batches`` (eval mode, inference mode); default: argmax class ids."""
+        was_training = model.training
+        model.eval()
+        result = Predictions()
+        with torch.inference_mode():
+            for inputs, targets in batches:
+                result.outputs += model(**inputs).logits.argmax(dim=-1).tolist()
+                result.targets += targets.tolist()
+        model.train(was_training)
+        return result
+
+    def metrics(self, predictions: Predictions) -> dict[str, float]:
+        """Scores of ``predictions``, ``metric`` among them; default: ``{"accuracy": ...}``."""
+        hits = sum(o == t for o, t in zip(predictions.outputs, predictions.targets))
+        return {"accuracy": hits / max(len(predictions.targets), 1)}
+
+    def accuracy(self, model: nn.Module, batches: Iterable[Batch]) -> float:
+        """The headline score (``metrics(...)[metric]``) of ``model`` on ``batches``."""
+        return self.metrics(self.predictions(model, batches))[self.metric]
+
+    def write_predictions(self, predictions: Predictions, path: Path) -> Path:
+        """Writes ``predictions`` to ``path`` (default: JSON lines of index, output, target)."""
+        lines = (json.dumps({"index": i, "output": o, "target": t})
+                 for i, (o, t) in enumerate(zip(predictions.outputs, predictions.targets)))
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return path
+
+    def reference_accuracies(self, split: str = "test") -> dict[str, float]:
+        """Scores of trivial predictors on ``split`` to print beside the results (default: none)."""
+        return {}
+
+    def default_config(self, method: str) -> Any:
+        """The config of ``method`` for this task's model (``default_configs``, else the method's default)."""
+        return load_config(method, self.default_configs.get(method))
+
+    def train_batches(self, batch_size: int, seed: int, num_examples: int) -> Sequence[Batch]:
+        """One epoch of train batches, shuffled by ``seed`` (called once per epoch).
+
+        Raises:
+            UserError: the task cannot be trained (the default).
+        """
+        raise UserError(f"task {self.name!r} cannot be trained: it does not implement "
+                        "Task.train_batches(batch_size, seed, num_examples)")
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The task loss of one batch; default: cross-entropy over class ids.
+
+        Shapes:
+            logits (B, K), targets (B,) -> scalar
+        """
+        return F.cross_entropy(logits.float(), targets)
+
+
+def classification_accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
+    """Fraction of examples whose argmax logit equals the target id (eval mode, inference mode)."""
+    return Task().accuracy(model, batches)

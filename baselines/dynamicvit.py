@@ -24,7 +24,6 @@ the adapter hands over (``adapter.hidden_size``), so ``modules()`` exists right 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,7 +43,6 @@ from pumer_plug.stream import IMAGE, MIXED, SegmentView, TokenStream
 
 #: weight of a dropped token in train-mode attention (DynamicViT ``softmax_with_policy`` eps)
 POLICY_EPS = 1e-6
-_FORMAT = "pumer_plug.dynamicvit/1"
 
 
 @dataclass(frozen=True)
@@ -340,44 +338,24 @@ class DynamicViT(ReductionMethod):
         self._predictors = nn.ModuleDict({str(i): PredictorLG(embed_dim) for i in self.config.reduction_layers})
         self._predictors.train(False)
 
-    # -- saving (thin wrappers over state_dict, for finetune outputs on disk) --------------------
-    def save_predictors(self, path: str) -> None:
-        """Writes :meth:`state_dict` (and the layers and width it fits) to a safetensors file.
+    # -- saved state -------------------------------------------------------------------------------
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads predictors saved from :meth:`state_dict` (building them if the method has none yet).
 
         Raises:
-            RuntimeError: no predictors (``embed_dim`` is None and the method is not attached).
+            UserError: the state holds predictors for other reduction layers or of another width.
         """
-        from safetensors.torch import save_file
-
-        if self._predictors is None:
-            raise RuntimeError("DynamicViT has no predictors yet: set DynamicViTConfig.embed_dim or apply() it to a model")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        metadata = {"format": _FORMAT, "embed_dim": str(self.embed_dim), "reduction_layers": json.dumps(list(self.config.reduction_layers))}
-        save_file(tensors, str(path), metadata=metadata)
-
-    def load_predictors(self, path: str) -> None:
-        """Loads a file written by :meth:`save_predictors` through :meth:`load_state_dict`.
-
-        Raises:
-            ValueError: the file is not a DynamicViT predictor file, or was saved for other
-                reduction layers or another width.
-        """
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a DynamicViT predictor file (format {metadata.get('format')!r})")
-        layers, dim = tuple(json.loads(metadata["reduction_layers"])), int(metadata["embed_dim"])
+        layers = tuple(sorted({int(key.split(".", 1)[0]) for key in state}))
         if layers != self.config.reduction_layers:
-            raise ValueError(f"{path} holds predictors for reduction_layers {layers}, "
-                             f"but the config has {self.config.reduction_layers}")
+            raise UserError(f"the state holds DynamicViT predictors for reduction_layers {layers}, "
+                            f"but the config has {self.config.reduction_layers}")
+        width = state[f"{layers[0]}.in_conv.1.weight"].shape[1]
         if self._predictors is None:
-            self._build(dim)
-        if self.embed_dim != dim:
-            raise ValueError(f"{path} holds predictors of width {dim}, but this method's are {self.embed_dim} wide")
-        self.load_state_dict(tensors)
+            self._build(width)
+        if self.embed_dim != width:
+            raise UserError(f"the state holds DynamicViT predictors of width {width}, but this method's are "
+                            f"{self.embed_dim} wide")
+        super().load_state_dict(state)
 
     # -- reduction ------------------------------------------------------------------------------
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:

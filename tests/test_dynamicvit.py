@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import pumer_plug
 from pumer_plug.baselines.dynamicvit import (
@@ -227,16 +228,17 @@ def test_predictors_belong_to_the_method_and_round_trip_through_safetensors(tmp_
         assert set(predictors) == {"0", "2"} and predictors["0"].in_conv[1].in_features == 64
         assert list(model.state_dict()) == keys
         assert not any(p is q for p in model.parameters() for q in predictors.parameters())
-        handle.method.save_predictors(tmp_path / "pred.safetensors")
+        save_file(handle.method.state_dict(), str(tmp_path / "pred.safetensors"))
+    saved = load_file(str(tmp_path / "pred.safetensors"))
     with pumer_plug.apply(model, adapter="vilt", method="dynamicvit", config=config) as handle:
-        handle.method.load_predictors(tmp_path / "pred.safetensors")
+        handle.method.load_state_dict(saved)
         with torch.no_grad():
             torch.testing.assert_close(model(**batch).logits, ref, atol=0, rtol=0)
     other = DynamicViT(dataclasses.replace(config, reduction_layers=(0, 1)))
     with pytest.raises(ValueError, match="reduction_layers"):
-        other.load_predictors(tmp_path / "pred.safetensors")
+        other.load_state_dict(saved)
     with pytest.raises(ValueError, match="width"):
-        DynamicViT(dataclasses.replace(config, embed_dim=32)).load_predictors(tmp_path / "pred.safetensors")
+        DynamicViT(dataclasses.replace(config, embed_dim=32)).load_state_dict(saved)
     with pytest.raises(ValueError, match="embed_dim"):
         with pumer_plug.apply(model, adapter="vilt", method="dynamicvit", config=dataclasses.replace(config, embed_dim=32)):
             model(**batch)

@@ -7,13 +7,17 @@ method at each reduction layer and apply the returned plan to hidden states, res
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import inspect
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
 from pumer_plug.errors import UserError
-from pumer_plug.method import ReductionMethod
+from pumer_plug.method import HIDDEN, KEYS, TEXT_SALIENCY, ReductionMethod
+from pumer_plug.ops.counts import RowCounts
+from pumer_plug.ops.reduce import attention_bias
+from pumer_plug.stream import TEXT, TokenStream
 
 
 class AdapterError(UserError):
@@ -37,8 +41,9 @@ def get_submodule(root: nn.Module, path: str, expected: type | tuple[type, ...],
     return module
 
 
-def real_lengths(mask: torch.Tensor, bounds: list[tuple[int, int]]) -> list[tuple[int, ...]]:
-    """Real tokens per row of each segment, with one host-device sync for all of them.
+def real_lengths(mask: torch.Tensor, bounds: list[tuple[int, int]]) -> list[RowCounts]:
+    """Real tokens per row of each segment, with one device-to-host sync for all of them (the
+    forward's only one); the counts keep their device copy (``RowCounts.tensor``).
 
     Raises:
         ValueError: a segment's real tokens are not all before its padding (e.g. left padding).
@@ -49,20 +54,39 @@ def real_lengths(mask: torch.Tensor, bounds: list[tuple[int, int]]) -> list[tupl
     parts = [mask[:, a:b] for a, b in bounds]
     sums = torch.stack([p.sum(dim=1) for p in parts])  # (S, B)
     holes = torch.stack([(p[:, 1:] & ~p[:, :-1]).any() if p.shape[1] > 1 else p.new_zeros(()) for p in parts])
-    sums, holes = sums.tolist(), holes.tolist()
-    if any(holes):
+    host = torch.cat([sums.flatten(), holes]).tolist()  # one transfer for counts and checks
+    if any(host[sums.numel():]):
         raise ValueError("padding must come after the real tokens of each segment (right padding); got a mask with holes")
-    return [tuple(int(n) for n in row) for row in sums]
+    B = mask.shape[0]
+    return [RowCounts(host[i * B : (i + 1) * B], sums[i].to(torch.int64)) for i in range(len(parts))]
+
+
+def same_lengths(num_tokens: int, batch: int, device: torch.device) -> RowCounts:
+    """``num_tokens`` for every row of an unpadded batch (filled on the device, no copy)."""
+    return RowCounts((num_tokens,) * batch, torch.full((batch,), num_tokens, dtype=torch.int64, device=device))
 
 
 class Adapter:
-    """Base class: subclasses set ``name``, implement ``matches``, ``__init__`` and ``attach``."""
+    """Base class of backbone adapters.
+
+    Subclasses set ``name`` and ``capabilities``, implement :meth:`matches`, ``__init__`` (which
+    resolves every module it needs and sets ``model``, ``num_layers`` and ``hidden_size``) and
+    :meth:`attach`. Optional: :meth:`check_method` (model-specific refusals), :meth:`new_forward_state`
+    (per-forward scratch beyond streams), :meth:`accept_image_size` and ``image_module`` (for
+    methods that resize the input).
+    """
 
     name: ClassVar[str] = ""
+    #: what this adapter can hand a method (see ``pumer_plug.method``); ``apply()`` refuses a
+    #: method whose ``requires`` is not a subset, naming both
+    capabilities: ClassVar[frozenset[str]] = frozenset({KEYS, TEXT_SALIENCY, HIDDEN})
+    model: nn.Module
     #: number of layers that can hold a reducer (indices ``0 .. num_layers - 1``)
     num_layers: int = 0
     #: where this backbone can reduce tokens (``ReductionMethod.placements``; see :mod:`pumer_plug.placement`)
     placements: ClassVar[frozenset[str]] = frozenset({"encoder-layer"})
+    #: width C of the tokens handed to a method at a reduction layer (``stream.hidden`` (B, N, C))
+    hidden_size: int = 0
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -73,3 +97,123 @@ class Adapter:
 
     def attach(self, handle: Any) -> None:
         raise NotImplementedError
+
+    def new_forward_state(self) -> Any:
+        """A fresh per-forward scratch object for ``handle.state.adapter`` (default: None)."""
+        return None
+
+    @property
+    def image_module(self) -> nn.Module:
+        """The module whose ``forward`` takes the images (default: the plugged model)."""
+        return self.model
+
+    def accept_image_size(self, handle: Any) -> None:
+        """Makes the backbone take images of another size while plugged (``image_size`` capability).
+
+        Raises:
+            NotImplementedError: the adapter does not declare the capability.
+        """
+        raise NotImplementedError(f"{self.name} adapter cannot take other image sizes")
+
+
+# -- hook factories shared by the adapters -------------------------------------------------------
+def keys_catcher(handle: Any, stream: str, num_heads: int | None = None) -> Callable:
+    """Forward hook on a key projection storing the keys of ``stream``, averaged over heads
+    (ToMe's and the released PuMer code's ``k.mean(1)``).
+
+    Shapes:
+        out (B, N, C) heads concatenated, with ``num_heads``, or (B, H, N, D) with ``num_heads=None``
+        -> stored (B, N, C / H)
+    """
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if num_heads is None:
+            handle.streams[stream].keys = out.mean(dim=1)  # (B, H, N, D) -> (B, N, D)
+        else:
+            handle.streams[stream].set_keys(out, num_heads)
+
+    return hook
+
+
+def saliency_catcher(handle: Any, probs_of: Callable[[Any], torch.Tensor | None], where: str,
+                     text: str = "text", image: str = "image", output: bool = False) -> Callable:
+    """Hook storing PuMer Eq. (1) per-head scores from the attention probabilities of text queries
+    over image keys: a pre-hook reading ``probs_of(args)``, or a forward hook (``output=True``)
+    reading ``probs_of(out)``. With ``text == image`` the stream is one ``[text | image]`` sequence
+    (ViLT) and the text-to-image block is sliced out of the full (B, H, N, N) probabilities.
+
+    Shapes:
+        probs (B, H, T, V) (two streams) or (B, H, N, N) (one stream) -> stream ``image``'s saliency (B, H, V)
+
+    Raises:
+        RuntimeError: the module returned no probabilities (a fused attention kernel).
+    """
+    def store(captured: Any) -> None:
+        probs = probs_of(captured)
+        if probs is None:
+            raise RuntimeError(f"{handle.adapter.name} adapter: {where} returned no attention probabilities; "
+                               "the text-saliency score needs eager attention")
+        streams = handle.streams
+        if text != image:
+            streams[image].set_text_saliency(probs, streams[text].mask)
+            return
+        stream = streams[text]
+        if stream.segments[0].modality != TEXT or len(stream.segments) < 2:
+            return  # the stream no longer has a text segment first (a method merged across modalities)
+        T = stream.segments[0].length
+        stream.set_text_saliency(probs[:, :, :T, T:], stream.mask[:, :T])  # (B, H, T, V)
+
+    if output:
+        return lambda module, args, out: store(out)
+    return lambda module, args: store(args)
+
+
+def stream_bias(handle: Any, stream: TokenStream, dtype: torch.dtype, masked_value: float | None = None) -> torch.Tensor:
+    """The stream's additive key bias (B, 1, 1, N), cached on the stream until its next reduction:
+    padding masked out (``masked_value``, default the dtype's minimum), plus ``log(size)`` when
+    the method uses proportional attention and some token size differs from 1."""
+    cached = stream.bias_cache
+    if cached is None or cached.dtype != dtype:
+        proportional = handle.method.proportional_attention()
+        stream.bias_cache = attention_bias(stream.mask, stream.size, dtype, proportional, masked_value)
+    return stream.bias_cache
+
+
+def residual_rewriter(handle: Any, layer: int, where: str) -> Callable:
+    """Pre-hook on an FFN output module ``output(hidden_states, input_tensor)``: replaces the
+    residual ``input_tensor`` by the reduced one the layer's reducer left in
+    ``handle.state.layer(layer)["residual"]`` as ``(before, after)``.
+
+    Raises:
+        RuntimeError: the residual is not the tensor the reducer reduced (the host layer's
+            forward differs from the one the adapter supports).
+    """
+    def hook(module: nn.Module, args: tuple):
+        residual = handle.state.layer(layer).pop("residual", None)
+        if residual is None:
+            return None
+        before, after = residual
+        if args[1] is not before:
+            raise RuntimeError(f"{handle.adapter.name} adapter: {where}'s residual is not the reduced hidden state; "
+                               f"this {type(module).__name__} is not the one the adapter supports")
+        return (args[0], after)
+
+    return hook
+
+
+def request_pos_interpolation(handle: Any, model: nn.Module) -> None:
+    """Sets ``interpolate_pos_encoding=True`` on every module whose ``forward`` takes it
+    (the transformers convention for vision models fed another image size)."""
+    for module in model.modules():
+        try:
+            signature = inspect.signature(type(module).forward)
+        except (TypeError, ValueError):
+            continue
+        if "interpolate_pos_encoding" not in signature.parameters:
+            continue
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, signature=signature):
+            bound = signature.bind_partial(module, *args, **kwargs)
+            bound.arguments["interpolate_pos_encoding"] = True
+            return bound.args[1:], bound.kwargs
+
+        handle.add_forward_pre_hook(module, hook, with_kwargs=True)

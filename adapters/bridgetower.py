@@ -68,10 +68,11 @@ from transformers.models.bridgetower.modeling_bridgetower import (
     BridgeTowerOutput,
 )
 
-from pumer_plug.adapters.base import AdapterError, get_submodule, real_lengths
-from pumer_plug.adapters.coattention import STREAMS, BlockState, CoAttentionAdapter, keys_catcher
+from pumer_plug.adapters.base import (AdapterError, get_submodule, real_lengths, request_pos_interpolation,
+                                      saliency_catcher, same_lengths, stream_bias)
+from pumer_plug.adapters.coattention import STREAMS, CoAttentionAdapter
+from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.ops.reduce import attention_bias
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
@@ -93,6 +94,7 @@ class BridgeTowerAdapter(CoAttentionAdapter):
     """
 
     name = "bridgetower"
+    capabilities = frozenset({KEYS, TEXT_SALIENCY, HIDDEN, IMAGE_SIZE})
     compose_plans = True  # the link towers take the unimodal tokens through every plan so far
     mismatch_hint = "the installed transformers BridgeTowerModel differs from the supported one"
 
@@ -109,6 +111,7 @@ class BridgeTowerAdapter(CoAttentionAdapter):
             )
         self.model, self.bt = model, bt
         self.num_layers = len(bt.cross_modal_text_layers)
+        self.hidden_size = int(bt.config.hidden_size)
         self.layers: dict[str, list[nn.Module]] = {}
         for name in STREAMS:
             self.layers[name] = [get_submodule(bt, f"cross_modal_{name}_layers.{i}", BridgeTowerBertCrossLayer, self.name)
@@ -127,7 +130,10 @@ class BridgeTowerAdapter(CoAttentionAdapter):
             raise AdapterError(f"bridgetower adapter: attention implementation {attn!r} returns no attention "
                                "probabilities; load the model with attn_implementation='eager'")
         self.token_level_head = isinstance(model, BridgeTowerForMaskedLM)
-        self.state = BlockState()
+
+    def accept_image_size(self, handle: Any) -> None:
+        """The CLIP tower interpolates its position embeddings when asked (``interpolate_pos_encoding``)."""
+        request_pos_interpolation(handle, self.model)
 
     def _link_towers(self, bt: BridgeTowerModel, name: str) -> list[nn.Module]:
         path = f"cross_modal_{name}_link_tower"
@@ -144,26 +150,15 @@ class BridgeTowerAdapter(CoAttentionAdapter):
             )
 
     def attach(self, handle: Any) -> None:
-        method = handle.method
         handle.add_forward_pre_hook(self.bt, self._start(handle), with_kwargs=True)
-        first = min(handle.reduction_layers, default=self.num_layers)
-        for i in range(self.num_layers):
-            text_layer, image_layer = self.layers["text"][i], self.layers["image"][i]
-            handle.add_forward_pre_hook(text_layer, self._pair_start(handle, i, rewrite=i > first), with_kwargs=True)
-            handle.add_forward_pre_hook(image_layer, self._image_layer(handle, i, rewrite=i >= first), with_kwargs=True)
-            if i not in handle.reduction_layers:
-                continue
-            if method.needs_keys:
-                heads = text_layer.attention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.attention.self.key, keys_catcher(handle, "text", heads))
-                handle.add_forward_hook(text_layer.crossattention.self.key, keys_catcher(handle, "image", heads))
-            if method.needs_text_saliency:
-                handle.add_forward_hook(text_layer.crossattention.self, _saliency_catcher(handle, i))
-            handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
-            handle.add_forward_pre_hook(text_layer.output, self._residual_rewriter(i))
+        super().attach(handle)
         for name in STREAMS:
             for tower in self.link_towers[name]:
-                handle.add_forward_pre_hook(tower, self._link_reducer(name))
+                handle.add_forward_pre_hook(tower, self._link_reducer(handle, name))
+
+    def catch_saliency(self, handle: Any, text_layer: nn.Module, i: int) -> None:
+        where = f"cross_modal_text_layers.{i}.crossattention.self"  # returns (output, probs (B, H, T, V))
+        handle.add_forward_hook(text_layer.crossattention.self, saliency_catcher(handle, lambda out: out[1], where, output=True))
 
     # -- hooks ---------------------------------------------------------------------------------
     def _start(self, handle: Any):
@@ -181,36 +176,36 @@ class BridgeTowerAdapter(CoAttentionAdapter):
                 raise ValueError(f"bridgetower adapter: {err}") from None
             protected = torch.zeros_like(mask)
             protected[:, 0] = True  # text CLS (<s>)
-            handle.start_forward()
-            handle.streams["text"] = TokenStream(mask, protected, [Segment(TEXT, T, 1)], lengths)
-            self.state = BlockState(plans={"text": ReductionPlan.identity(T)})
+            state = handle.start_forward()
+            state.streams["text"] = TokenStream(mask, protected, [Segment(TEXT, T, 1)], lengths)
+            state.adapter.plans["text"] = ReductionPlan.identity(T)
 
         return hook
 
-    def _pair_start(self, handle: Any, i: int, rewrite: bool):
+    def _block_start(self, handle: Any, i: int, rewrite: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             # BridgeTowerBertCrossLayer.forward(hidden_states, encoder_hidden_states, attention_mask, ...)
-            state, streams = self.state, handle.streams
+            state, streams = handle.state.adapter, handle.streams
             x, y = args[0], args[1]  # (B, T, C), (B, V, C)
             if i == 0:
                 B, V = y.shape[:2]
                 mask = torch.ones(B, V, dtype=torch.bool, device=y.device)  # the model never pads images
                 protected = torch.zeros_like(mask)
                 protected[:, 0] = True  # image CLS (CLIP class embedding)
-                streams["image"] = TokenStream(mask, protected, [Segment(IMAGE, V, 1)], [(V,) * B])
+                streams["image"] = TokenStream(mask, protected, [Segment(IMAGE, V, 1)], [same_lengths(V, B, y.device)])
                 state.plans["image"] = ReductionPlan.identity(V)
             self._check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
             self._check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
             state.block, state.inputs, state.reduced, state.residual = i, {"text": x, "image": y}, {}, {}
             if not rewrite:
                 return None
-            return _with_masks(args, kwargs, _bias(streams["text"], x.dtype, handle), _bias(streams["image"], x.dtype, handle))
+            return _with_masks(args, kwargs, stream_bias(handle, streams["text"], x.dtype), stream_bias(handle, streams["image"], x.dtype))
 
         return hook
 
     def _image_layer(self, handle: Any, i: int, rewrite: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            state, streams = self.state, handle.streams
+            state, streams = handle.state.adapter, handle.streams
             y, x = args[0], args[1]
             if state.block != i or y is not state.inputs["image"] or x is not state.inputs["text"]:
                 raise RuntimeError(f"bridgetower adapter: cross_modal_image_layers.{i} must run right after "
@@ -222,38 +217,21 @@ class BridgeTowerAdapter(CoAttentionAdapter):
             self._check_length(streams["text"], x, f"cross_modal_image_layers.{i} encoder_hidden_states")
             state.reduced = {}
             args = (y, x, *args[2:])
-            return _with_masks(args, kwargs, _bias(streams["image"], y.dtype, handle), _bias(streams["text"], y.dtype, handle))
+            return _with_masks(args, kwargs, stream_bias(handle, streams["image"], y.dtype), stream_bias(handle, streams["text"], y.dtype))
 
         return hook
 
-    def _link_reducer(self, name: str):
+    def _link_reducer(self, handle: Any, name: str):
         def hook(module: nn.Module, args: tuple):
             # BridgeTowerLinkTower.forward(hidden_states (B, N0, C) unimodal, cross_modal_hidden_states (B, N, C), mask)
             unimodal, cross = args[0], args[1]
-            reduced = self.state.plans[name].apply(unimodal)  # (B, N0, C) -> (B, N, C)
+            reduced = handle.state.adapter.plans[name].apply(unimodal)  # (B, N0, C) -> (B, N, C)
             if reduced.shape[1] != cross.shape[1]:
                 raise RuntimeError(f"bridgetower adapter: the {name} link tower got {reduced.shape[1]} unimodal tokens "
                                    f"after reduction for {cross.shape[1]} cross-modal tokens")
             return None if reduced is unimodal else (reduced, *args[1:])
 
         return hook
-
-
-def _saliency_catcher(handle: Any, i: int):
-    def hook(module: nn.Module, args: tuple, out: tuple) -> None:
-        probs = out[1]  # (B, H, T, V): text queries over image keys
-        if probs is None:
-            raise RuntimeError(f"bridgetower adapter: cross_modal_text_layers.{i}.crossattention returned no attention "
-                               "probabilities; the text-saliency score needs eager attention")
-        handle.streams["image"].set_text_saliency(probs, handle.streams["text"].mask)  # PuMer Eq. (1) -> (B, V)
-
-    return hook
-
-
-def _bias(stream: TokenStream, dtype: torch.dtype, handle: Any) -> torch.Tensor:
-    if stream.bias_cache is None or stream.bias_cache.dtype != dtype:
-        stream.bias_cache = attention_bias(stream.mask, stream.size, dtype, handle.method.proportional_attention())
-    return stream.bias_cache  # (B, 1, 1, N)
 
 
 def _with_masks(args: tuple, kwargs: dict, self_bias: torch.Tensor, cross_bias: torch.Tensor) -> tuple[tuple, dict]:

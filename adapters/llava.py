@@ -36,6 +36,7 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule
 from pumer_plug.adapters.decoder_ops import reduce_mask, row_plan, scatter_image
 from pumer_plug.ops.plan import ReductionPlan
+from pumer_plug.method import KEYS, TEXT_SALIENCY
 from pumer_plug.ops.reduce import text_saliency_per_head
 from pumer_plug.placement import placement
 from pumer_plug.registry import ADAPTERS
@@ -89,6 +90,7 @@ class LlavaAdapter(Adapter):
     """
 
     name = "llava"
+    capabilities = frozenset({KEYS, TEXT_SALIENCY})
     placements = frozenset({"decoder-layer", "decoder-input"})
 
     @classmethod
@@ -113,7 +115,7 @@ class LlavaAdapter(Adapter):
         text = llava.config.text_config
         self.num_heads, self.num_kv_heads = text.num_attention_heads, text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.state: LlavaState | None = None
+        self._handle: Any = None
         self.placement = "decoder-layer"
         self._check_attention(text)
 
@@ -137,8 +139,21 @@ class LlavaAdapter(Adapter):
                 "answer); set the text merge ratio to 0, e.g. PumerConfig.preset('llava-keep128')"
             )
 
+    @property
+    def state(self) -> LlavaState | None:
+        """The prompt's state, kept in the handle's per-forward state (``handle.state.adapter``).
+
+        A prefill starts a new forward state; decode steps on the cache it filled keep it, since
+        they need what the prefill reduced (a decoder's "forward" is the whole prompt).
+        """
+        return None if self._handle is None else self._handle.state.adapter
+
+    @state.setter
+    def state(self, value: LlavaState | None) -> None:
+        self._handle.state.adapter = value
+
     def attach(self, handle: Any) -> None:
-        self.state = None
+        self._handle = handle
         handle.add_forward_pre_hook(self.model, lambda m, a, k: self._start(handle, a, k), with_kwargs=True)
         for i, layer in enumerate(self.layers):
             handle.add_forward_pre_hook(layer, self._layer_kwargs(i), with_kwargs=True)
@@ -162,7 +177,6 @@ class LlavaAdapter(Adapter):
             if kwargs.get("pixel_values") is not None:
                 raise ValueError("llava adapter: pass input_ids (the image tokens are located by config.image_token_id)")
             handle.start_forward()
-            self.state = None
             return None
         is_image = input_ids == self.image_token_id  # (B, N)
         has_image = bool(is_image.any())
@@ -170,7 +184,6 @@ class LlavaAdapter(Adapter):
             state.in_prefill = False  # a decode step on the reduced cache
             return self._decode_inputs(args, kwargs)
         handle.start_forward()
-        self.state = None
         if not has_image:
             return None  # no image: the forward runs unreduced
         self.state = self._new_state(handle, input_ids, is_image, kwargs)

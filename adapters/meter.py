@@ -59,15 +59,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pumer_plug.adapters.base import AdapterError, get_submodule, real_lengths
-from pumer_plug.adapters.coattention import STREAMS, BlockState, CoAttentionAdapter, keys_catcher
+from pumer_plug.adapters.base import AdapterError, get_submodule, real_lengths, saliency_catcher, stream_bias
+from pumer_plug.adapters.coattention import STREAMS, CoAttentionAdapter
+from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.models.meter import MeterModel
 from pumer_plug.models.meter_layers import (
     MASKED_SCORE,
     CrossIntermediate,
     CrossLayer,
     CrossSelfOutput,
-    extend_attention_mask,
 )
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
@@ -81,6 +81,7 @@ class MeterAdapter(CoAttentionAdapter):
     """
 
     name = "meter"
+    capabilities = frozenset({KEYS, TEXT_SALIENCY, HIDDEN, IMAGE_SIZE})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -93,6 +94,7 @@ class MeterAdapter(CoAttentionAdapter):
             )
         self.model = model
         self.num_layers = len(model.cross_modal_text_layers)
+        self.hidden_size = int(model.config.hidden_size)
         if len(model.cross_modal_image_layers) != self.num_layers:
             raise AdapterError(f"meter adapter: {self.num_layers} text but {len(model.cross_modal_image_layers)} image "
                                "co-attention layers")
@@ -104,26 +106,13 @@ class MeterAdapter(CoAttentionAdapter):
                                ("crossattention.self.dropout", nn.Dropout), ("intermediate", CrossIntermediate),
                                ("output", CrossSelfOutput)):
                 get_submodule(model, f"{prefix}.{path}", kind, self.name)
-        self.state = BlockState()
 
-    def attach(self, handle: Any) -> None:
-        method = handle.method
-        first = min(handle.reduction_layers, default=self.num_layers)
-        for i in range(self.num_layers):
-            text_layer, image_layer = self.layers["text"][i], self.layers["image"][i]
-            handle.add_forward_pre_hook(text_layer, self._block_start(handle, i, rewrite=i > first), with_kwargs=True)
-            handle.add_forward_pre_hook(image_layer, self._image_layer(handle, i, rewrite=i >= first), with_kwargs=True)
-            if i not in handle.reduction_layers:
-                continue
-            if method.needs_keys:
-                heads = text_layer.attention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.attention.self.key, keys_catcher(handle, "text", heads))
-                heads = text_layer.crossattention.self.num_attention_heads
-                handle.add_forward_hook(text_layer.crossattention.self.key, keys_catcher(handle, "image", heads))
-            if method.needs_text_saliency:
-                handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, _saliency_catcher(handle))
-            handle.add_forward_pre_hook(text_layer.intermediate, self._reducer(handle, i))
-            handle.add_forward_pre_hook(text_layer.output, self._residual_rewriter(i))
+    def catch_saliency(self, handle: Any, text_layer: nn.Module, i: int) -> None:
+        where = f"cross_modal_text_layers.{i}.crossattention.self"  # probabilities (B, H, T, V): its dropout's input
+        handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, saliency_catcher(handle, lambda a: a[0], where))
+
+    def accept_image_size(self, handle: Any) -> None:
+        """Nothing to do: METER's CLIP trunk interpolates its position table to every patch grid."""
 
     # -- hooks ---------------------------------------------------------------------------------
     def _block_start(self, handle: Any, i: int, rewrite: bool):
@@ -132,43 +121,45 @@ class MeterAdapter(CoAttentionAdapter):
             x, y = kwargs["hidden_states"], kwargs["encoder_hidden_states"]  # (B, T, C), (B, V, C)
             if i == 0:
                 self._start(handle, x, y, kwargs.get("attention_mask"), kwargs.get("encoder_attention_mask"))
-            elif self.state.block != i - 1:
-                raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i} ran after block {self.state.block}; "
+            elif handle.state.adapter.block != i - 1:
+                raise RuntimeError(f"meter adapter: cross_modal_text_layers.{i} ran after block {handle.state.adapter.block}; "
                                    "the co-attention blocks must run in order, starting at block 0")
             streams = handle.streams
             self._check_length(streams["text"], x, f"cross_modal_text_layers.{i} hidden_states")
             self._check_length(streams["image"], y, f"cross_modal_text_layers.{i} encoder_hidden_states")
-            self.state.block, self.state.inputs = i, {"text": x, "image": y}
-            self.state.reduced, self.state.residual = {}, {}
+            state = handle.state.adapter
+            state.block, state.inputs, state.reduced = i, {"text": x, "image": y}, {}
             if not rewrite:
                 return None
-            return args, {**kwargs, "attention_mask": _bias(streams["text"], x.dtype, handle),
-                          "encoder_attention_mask": _bias(streams["image"], x.dtype, handle)}
+            return args, {**kwargs, "attention_mask": stream_bias(handle, streams["text"], x.dtype, MASKED_SCORE),
+                          "encoder_attention_mask": stream_bias(handle, streams["image"], x.dtype, MASKED_SCORE)}
 
         return hook
 
     def _start(self, handle: Any, x: torch.Tensor, y: torch.Tensor, text_bias: torch.Tensor | None,
                image_bias: torch.Tensor | None) -> None:
-        handle.start_forward()
-        self.state = BlockState()
-        for name, hidden, bias, modality in (("text", x, text_bias, TEXT), ("image", y, image_bias, IMAGE)):
+        state = handle.start_forward()
+        masks = []
+        for hidden, bias in ((x, text_bias), (y, image_bias)):
             B, N = hidden.shape[:2]
             if bias is None:
-                mask = torch.ones(B, N, dtype=torch.bool, device=hidden.device)
+                masks.append(torch.ones(B, N, dtype=torch.bool, device=hidden.device))
             else:
-                mask = bias.reshape(B, -1) > MASKED_SCORE / 2  # additive (B, 1, 1, N) -> (B, N) bool
-            try:
-                lengths = real_lengths(mask, [(0, N)])
-            except ValueError as err:
-                raise ValueError(f"meter adapter: {name} stream: {err}") from None
+                masks.append(bias.reshape(B, -1) > MASKED_SCORE / 2)  # additive (B, 1, 1, N) -> (B, N) bool
+        T, V = x.shape[1], y.shape[1]
+        try:
+            lengths = real_lengths(torch.cat(masks, dim=1), [(0, T), (T, T + V)])  # one sync for both streams
+        except ValueError as err:
+            raise ValueError(f"meter adapter: {err}") from None
+        for name, mask, modality, n in zip(STREAMS, masks, (TEXT, IMAGE), lengths):
             protected = torch.zeros_like(mask)
             protected[:, 0] = True  # text CLS (<s>) / image CLS (CLIP class embedding)
-            handle.streams[name] = TokenStream(mask, protected, [Segment(modality, N, 1)], lengths)
+            state.streams[name] = TokenStream(mask, protected, [Segment(modality, mask.shape[1], 1)], [n])
 
     def _image_layer(self, handle: Any, i: int, rewrite: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             _check_keywords(args, f"cross_modal_image_layers.{i}")
-            state = self.state
+            state = handle.state.adapter
             y, x = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
             if state.block != i or y is not state.inputs["image"] or x is not state.inputs["text"]:
                 raise RuntimeError(f"meter adapter: cross_modal_image_layers.{i} must run right after "
@@ -181,31 +172,12 @@ class MeterAdapter(CoAttentionAdapter):
             where = f"cross_modal_image_layers.{i}"
             self._check_length(streams["image"], new["hidden_states"], f"{where} hidden_states")
             self._check_length(streams["text"], new["encoder_hidden_states"], f"{where} encoder_hidden_states")
-            new["attention_mask"] = _bias(streams["image"], y.dtype, handle)
-            new["encoder_attention_mask"] = _bias(streams["text"], y.dtype, handle)
+            new["attention_mask"] = stream_bias(handle, streams["image"], y.dtype, MASKED_SCORE)
+            new["encoder_attention_mask"] = stream_bias(handle, streams["text"], y.dtype, MASKED_SCORE)
             state.reduced = {}
             return args, new
 
         return hook
-
-
-def _saliency_catcher(handle: Any):
-    def hook(module: nn.Module, args: tuple) -> None:
-        probs = args[0]  # (B, H, T, V): text queries over image keys, before dropout
-        handle.streams["image"].set_text_saliency(probs, handle.streams["text"].mask)  # PuMer Eq. (1) -> (B, V)
-
-    return hook
-
-
-def _bias(stream: TokenStream, dtype: torch.dtype, handle: Any) -> torch.Tensor:
-    """The stream's additive key mask in METER's convention (0.0 / -10000.0), plus ``log(size)`` if
-    the method uses proportional attention (ToMe Sec. 3). Shapes: -> (B, 1, 1, N)."""
-    if stream.bias_cache is None or stream.bias_cache.dtype != dtype:
-        bias = extend_attention_mask(stream.mask, dtype)  # (B, 1, 1, N)
-        if handle.method.proportional_attention() and stream.size is not None:
-            bias = bias + stream.size[..., 0].log().to(dtype)[:, None, None, :]
-        stream.bias_cache = bias
-    return stream.bias_cache
 
 
 def _check_keywords(args: tuple, where: str) -> None:

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 from transformers import ViltForMaskedLM, ViltForTokenClassification, ViltModel
 
-from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule, real_lengths
-from pumer_plug.ops.reduce import attention_bias
+from pumer_plug.adapters.base import (Adapter, AdapterError, get_submodule, keys_catcher, real_lengths, residual_rewriter,
+                                      saliency_catcher, stream_bias)
+from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
@@ -49,6 +50,7 @@ class ViltAdapter(Adapter):
     """
 
     name = "vilt"
+    capabilities = frozenset({KEYS, TEXT_SALIENCY, HIDDEN, IMAGE_SIZE})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -63,6 +65,7 @@ class ViltAdapter(Adapter):
         self.model, self.vilt = model, vilt
         self.layers = list(vilt.encoder.layer)
         self.num_layers = len(self.layers)
+        self.hidden_size = int(vilt.config.hidden_size)
         for i in range(self.num_layers):
             for path, kind in (("attention.attention.key", nn.Linear), ("attention.attention.dropout", nn.Dropout),
                                ("layernorm_after", nn.LayerNorm), ("output", nn.Module)):
@@ -88,12 +91,15 @@ class ViltAdapter(Adapter):
                 continue
             self_attn = layer.attention.attention
             if method.needs_keys:
-                handle.add_forward_hook(self_attn.key, _keys_catcher(handle, self_attn.num_attention_heads))
+                handle.add_forward_hook(self_attn.key, keys_catcher(handle, STREAM, self_attn.num_attention_heads))
             if method.needs_text_saliency:
-                handle.add_forward_pre_hook(self_attn.dropout, _saliency_catcher(handle))
-            cache: dict[str, torch.Tensor] = {}
-            handle.add_forward_pre_hook(layer.layernorm_after, _reducer(handle, i, cache))
-            handle.add_forward_pre_hook(layer.output, _residual_rewriter(cache, i))
+                where = f"encoder.layer.{i}.attention.attention"  # probabilities: the input of its dropout
+                handle.add_forward_pre_hook(self_attn.dropout, saliency_catcher(handle, lambda a: a[0], where, STREAM, STREAM))
+            handle.add_forward_pre_hook(layer.layernorm_after, _reducer(handle, i))
+            handle.add_forward_pre_hook(layer.output, residual_rewriter(handle, i, f"encoder.layer.{i}.output"))
+
+    def accept_image_size(self, handle: Any) -> None:
+        """Nothing to do: ``visual_embed`` interpolates ViLT's position table to every patch grid."""
 
     def _start(self, handle: Any, args: tuple, out: tuple) -> None:
         embeds, mask = out  # (B, N, C), (B, N)
@@ -112,37 +118,15 @@ class ViltAdapter(Adapter):
     @staticmethod
     def _mask_rewriter(handle: Any):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            stream = handle.streams[STREAM]
-            if stream.bias_cache is None:
-                dtype = args[0].dtype
-                stream.bias_cache = attention_bias(stream.mask, stream.size, dtype, handle.method.proportional_attention())
+            bias = stream_bias(handle, handle.streams[STREAM], args[0].dtype)  # (B, 1, 1, N)
             if "attention_mask" in kwargs:
-                return args, {**kwargs, "attention_mask": stream.bias_cache}
-            return (args[0], stream.bias_cache, *args[2:]), kwargs
+                return args, {**kwargs, "attention_mask": bias}
+            return (args[0], bias, *args[2:]), kwargs
 
         return hook
 
 
-def _keys_catcher(handle: Any, num_heads: int):
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        handle.streams[STREAM].set_keys(out, num_heads)  # (B, N, C) -> mean over heads (B, N, C/H)
-
-    return hook
-
-
-def _saliency_catcher(handle: Any):
-    def hook(module: nn.Module, args: tuple) -> None:
-        stream = handle.streams[STREAM]
-        if stream.segments[0].modality != TEXT or len(stream.segments) < 2:
-            return
-        T = stream.segments[0].length
-        probs = args[0]  # (B, H, N, N)
-        stream.set_text_saliency(probs[:, :, :T, T:], stream.mask[:, :T])  # (B, H, T, V) -> (B, V)
-
-    return hook
-
-
-def _reducer(handle: Any, layer: int, cache: dict):
+def _reducer(handle: Any, layer: int):
     def hook(module: nn.Module, args: tuple):
         stream = handle.streams[STREAM]
         hidden = args[0]  # (B, N, C), after the attention residual
@@ -150,26 +134,11 @@ def _reducer(handle: Any, layer: int, cache: dict):
         stream.hidden = hidden  # token features (DynamicViT)
         plan = handle.method.reduce(layer, stream)
         handle.record_counts(layer, STREAM, stream)
-        cache.clear()
         if plan.is_identity:
             return None
         reduced = plan.apply(hidden, size)  # (B, N', C)
-        cache["input"], cache["output"] = hidden, reduced
+        handle.state.layer(layer)["residual"] = (hidden, reduced)  # for the FFN's residual_rewriter
         return (reduced,)
-
-    return hook
-
-
-def _residual_rewriter(cache: dict, layer: int):
-    def hook(module: nn.Module, args: tuple):
-        if not cache:
-            return None
-        if args[1] is not cache["input"]:
-            raise RuntimeError(f"vilt adapter: layer {layer} output's residual is not the reduced hidden state; "
-                               "the installed transformers ViltLayer differs from the one this adapter supports")
-        reduced = cache["output"]
-        cache.clear()
-        return (args[0], reduced)
 
     return hook
 

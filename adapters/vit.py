@@ -13,8 +13,9 @@ are (timm 1.0 ``Block`` / ``Attention``; open_clip 3 ``ResidualAttentionBlock``)
 - proportional attention (``log(size)``, ToMe Sec. 3): passed as the attention module's
   ``attn_mask`` keyword by a pre-hook on every layer after the first reduction. timm hands it to
   ``F.scaled_dot_product_attention`` on its fused path and adds it to the logits on the other, so
-  ``fused_attn`` is never touched; ``nn.MultiheadAttention`` takes it as (B*H, N, N). With
-  proportional attention off no mask is passed and fused kernels keep their fastest path.
+  ``fused_attn`` is never touched; ``nn.MultiheadAttention`` takes it as (B*H, N, N). While every
+  token size is 1 (proportional attention off, no merge yet, DynamicViT in eval) no mask is passed
+  and fused kernels keep their fastest path.
 - reduction point (ToMe: after the attention residual, before the MLP): both blocks add the
   second residual to ``x`` outside any submodule, so no hook can reach it. At reduction layers the
   adapter sets an instance ``forward`` on the block (deleted on ``remove()``): the upstream forward,
@@ -36,8 +37,8 @@ from timm.layers import Format, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule
-from pumer_plug.ops.reduce import attention_bias
+from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule, keys_catcher, same_lengths, stream_bias
+from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, Segment, TokenStream
 
@@ -47,6 +48,7 @@ STREAM = "vit"
 class _VitAdapter(Adapter):
     """Shared lifecycle of the image-only adapters; subclasses say where things are."""
 
+    capabilities = frozenset({KEYS, HIDDEN, IMAGE_SIZE})  # no text, so no text-saliency score
     blocks: list[nn.Module]
     num_prefix_tokens: int
     batch_first: bool = True
@@ -65,11 +67,6 @@ class _VitAdapter(Adapter):
             if method.needs_keys:
                 self.catch_keys(handle, block)
             handle.set_attribute(block, "forward", self.wrap_forward(block, self._reducer(handle, i)))
-
-    def check_method(self, method: Any) -> None:
-        if method.needs_text_saliency:
-            raise ValueError(f"{self.name} adapter: method {method.name!r} needs text-saliency scores "
-                             "(text-to-image attention), and an image-only model has no text")
 
     # -- what subclasses provide -----------------------------------------------------------
     def checkpointing(self) -> bool:
@@ -98,9 +95,9 @@ class _VitAdapter(Adapter):
             mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
             protected = torch.zeros_like(mask)
             protected[:, : self.num_prefix_tokens] = True  # CLS, distillation and register tokens
-            handle.start_forward()
+            state = handle.start_forward()
             segment = Segment(IMAGE, N, self.num_prefix_tokens)
-            handle.streams[STREAM] = TokenStream(mask, protected, [segment], [(N,) * B])
+            state.streams[STREAM] = TokenStream(mask, protected, [segment], [same_lengths(N, B, x.device)])
 
         return hook
 
@@ -109,7 +106,7 @@ class _VitAdapter(Adapter):
 
         def reduce(x: torch.Tensor) -> torch.Tensor:
             stream = handle.streams[STREAM]
-            size = stream.sizes()
+            size = stream.size  # None while every token has size 1
             stream.hidden = x if batch_first else x.transpose(0, 1)  # (B, N, C) token features (DynamicViT)
             plan = handle.method.reduce(layer, stream)
             handle.record_counts(layer, STREAM, stream)
@@ -130,10 +127,13 @@ class _VitAdapter(Adapter):
                 raise RuntimeError(f"{self.name} adapter: layer {layer} got an attention mask from the caller; "
                                    "a mask over the input tokens cannot follow a token reduction")
             stream = handle.streams[STREAM]
-            if stream.bias_cache is None:
-                bias = attention_bias(stream.mask, stream.size, _compute_dtype(args[0]), proportional=True)
-                stream.bias_cache = self.shape_bias(bias, block)
-            return args, {**kwargs, "attn_mask": stream.bias_cache}
+            if stream.size is None:
+                return None  # every size is 1: no mask, so fused attention keeps its fastest kernel
+            bias = stream_bias(handle, stream, _compute_dtype(args[0]))  # (B, 1, 1, N), no padding here
+            layer_bias = handle.state.layer(layer)
+            if layer_bias.get("bias_of") is not bias:
+                layer_bias["bias_of"], layer_bias["attn_mask"] = bias, self.shape_bias(bias, block)
+            return args, {**kwargs, "attn_mask": layer_bias["attn_mask"]}
 
         return hook
 
@@ -180,6 +180,7 @@ class TimmVitAdapter(_VitAdapter):
             get_submodule(model, f"blocks.{i}.attn.k_norm", nn.Module, "timm-vit")
         self.num_layers = len(self.blocks)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.hidden_size = int(model.embed_dim)
 
     def checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)
@@ -198,10 +199,7 @@ class TimmVitAdapter(_VitAdapter):
         handle.override_attribute(embed, "output_fmt", Format.NHWC)
 
     def catch_keys(self, handle: Any, block: nn.Module) -> None:
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            handle.streams[STREAM].keys = out.mean(dim=1)  # (B, H, N, D) -> mean over heads (B, N, D), ToMe's k.mean(1)
-
-        handle.add_forward_hook(block.attn.k_norm, hook)
+        handle.add_forward_hook(block.attn.k_norm, keys_catcher(handle, STREAM))  # (B, H, N, D): ToMe's k.mean(1)
 
     @staticmethod
     def wrap_forward(block: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
@@ -266,6 +264,12 @@ class OpenClipVitAdapter(_VitAdapter):
         self.num_layers = len(self.blocks)
         self.num_prefix_tokens = 1  # class embedding
         self.batch_first = bool(visual.transformer.batch_first)
+        self.hidden_size = int(visual.transformer.width)
+
+    @property
+    def image_module(self) -> nn.Module:
+        """The visual tower: reached by a CLIP model's forward and by ``encode_image`` alike."""
+        return self.visual
 
     def checkpointing(self) -> bool:
         return bool(self.visual.transformer.grad_checkpointing)

@@ -16,23 +16,26 @@ pruned; protected tokens (image CLS, prefix tokens) are always kept, text is nev
 
 A reduction layer ``L`` reduces after its attention, so dropped tokens leave every attention
 from ``L + 1`` on, as DynamicViT's ``pruning_loc = L + 1`` and PuMer's ``prune_layers = L``.
-The predictors belong to the method, never to the backbone (``modules()``, ``save_predictors``);
-training loops call :func:`keep_ratio_loss` and :func:`distillation_loss` (DynamicViT ``losses.py``).
+The predictors belong to the method, never to the backbone: ``attach()`` builds them at the width
+the adapter hands over (``adapter.hidden_size``), so ``modules()`` exists right after ``apply()``;
+``state_dict()``/``load_state_dict()`` save and load them. Training loops add
+``method.training_losses()`` (the keep-ratio loss weighted by ``keep_ratio_weight``) and
+:func:`distillation_loss` (DynamicViT ``losses.py``).
 """
 from __future__ import annotations
 
-import json
 import math
-import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pumer_plug.config import check_layers
-from pumer_plug.method import ReductionMethod
+from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
+from pumer_plug.method import HIDDEN, ReductionMethod
+from pumer_plug.ops.counts import add_counts, fraction_count, min_counts, offset_counts
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import prune_by_score
 from pumer_plug.registry import METHODS
@@ -40,11 +43,10 @@ from pumer_plug.stream import IMAGE, MIXED, SegmentView, TokenStream
 
 #: weight of a dropped token in train-mode attention (DynamicViT ``softmax_with_policy`` eps)
 POLICY_EPS = 1e-6
-_FORMAT = "pumer_plug.dynamicvit/1"
 
 
 @dataclass(frozen=True)
-class DynamicViTConfig:
+class DynamicViTConfig(MethodConfig):
     """DynamicViT's pruning schedule.
 
     Attributes:
@@ -53,8 +55,10 @@ class DynamicViTConfig:
         keep_ratio: rho in (0, 1]; stage ``s`` keeps ``floor(rho^s * V0)`` image tokens. 1.0 keeps
             everything (no predictor runs).
         tau: Gumbel-softmax temperature of the train-mode decisions (> 0; DynamicViT uses 1).
-        embed_dim: width of the predictors; None builds them at the first forward from the
-            tokens' width (then ``modules()`` is None until that forward).
+        embed_dim: width of the predictors; None takes the width the adapter hands over
+            (``adapter.hidden_size``) when the method attaches.
+        keep_ratio_weight: weight of the keep-ratio loss in ``training_losses()`` (DynamicViT's
+            ``ratio_weight``, 2.0).
 
     Raises:
         ValueError: a field of the wrong type or range; the message names the field.
@@ -68,48 +72,33 @@ class DynamicViTConfig:
     keep_ratio: float = 0.7
     tau: float = 1.0
     embed_dim: int | None = None
+    keep_ratio_weight: float = 2.0
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-    PRESET_SOURCES: ClassVar[dict[str, str]] = {}
+    LABEL: ClassVar[str] = "DynamicViT"
 
     def __post_init__(self) -> None:
         owner = "DynamicViTConfig"
-        object.__setattr__(self, "reduction_layers", check_layers(owner, "reduction_layers", self.reduction_layers))
+        self._layers()
         if not self.reduction_layers:
-            raise ValueError(f"{owner}.reduction_layers must name at least one layer")
+            raise UserError(f"{owner}.reduction_layers must name at least one layer")
         rho = self.keep_ratio
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho <= 1.0:
-            raise ValueError(f"{owner}.keep_ratio must be a number in (0, 1], got {rho!r}")
+            raise UserError(f"{owner}.keep_ratio must be a number in (0, 1], got {rho!r}")
         tau = self.tau
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < tau < math.inf:
-            raise ValueError(f"{owner}.tau must be a finite number > 0, got {tau!r}")
+            raise UserError(f"{owner}.tau must be a finite number > 0, got {tau!r}")
         dim = self.embed_dim
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 4):
-            raise ValueError(f"{owner}.embed_dim must be None or an int >= 4, got {dim!r}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "DynamicViTConfig":
-        """Returns a named preset (see ``PRESET_SOURCES``).
-
-        Raises:
-            ValueError: unknown preset, listing the known ones.
-        """
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown DynamicViT preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
-    @classmethod
-    def list_presets(cls) -> list[str]:
-        return sorted(cls.PRESETS)
+            raise UserError(f"{owner}.embed_dim must be None or an int >= 4, got {dim!r}")
+        w = self.keep_ratio_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < math.inf:
+            raise UserError(f"{owner}.keep_ratio_weight must be a finite number >= 0, got {w!r}")
 
     @property
     def is_identity(self) -> bool:
         return self.keep_ratio >= 1.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
+    def summary(self) -> str:
         return f"layers={','.join(map(str, self.reduction_layers))} rho={self.keep_ratio:g}"
 
     def stage_keep_ratio(self, layer: int) -> float:
@@ -128,15 +117,13 @@ def keep_count(num_start: int, ratio: float) -> int:
     return int(num_start * ratio)
 
 
-DynamicViTConfig.PRESETS["vilt"] = dict(reduction_layers=(3, 6, 9), keep_ratio=0.7)
-DynamicViTConfig.PRESET_SOURCES["vilt"] = (
-    "PuMer Sec. 5 ('original DynamicViT configurations'): DynamicViT rho = 0.7 at 3 stages; layers as "
-    "csarron/PuMer conf/model/vilt.yaml prune_layers 3,6,9 (pruned after block i)"
-)
-DynamicViTConfig.PRESETS["deit"] = dict(reduction_layers=(2, 5, 8), keep_ratio=0.7)
-DynamicViTConfig.PRESET_SOURCES["deit"] = (
-    "DynamicViT main.py (DeiT, 12 blocks): pruning_loc [3, 6, 9] before block i = after the attention of block i - 1 here"
-)
+DynamicViTConfig.register_preset(
+    "vilt", "PuMer Sec. 5 ('original DynamicViT configurations'): DynamicViT rho = 0.7 at 3 stages; layers as "
+    "csarron/PuMer conf/model/vilt.yaml prune_layers 3,6,9 (pruned after block i)",
+    reduction_layers=(3, 6, 9), keep_ratio=0.7)
+DynamicViTConfig.register_preset(
+    "deit", "DynamicViT main.py (DeiT, 12 blocks): pruning_loc [3, 6, 9] before block i = after the attention of "
+    "block i - 1 here", reduction_layers=(2, 5, 8), keep_ratio=0.7)
 
 
 # -- pure tensor functions ---------------------------------------------------------------------
@@ -257,6 +244,21 @@ def token_distillation_loss(student_tokens: torch.Tensor, teacher_tokens: torch.
 
 
 # -- the method --------------------------------------------------------------------------------
+@dataclass
+class DynamicViTForwardState:
+    """DynamicViT's per-forward scratch.
+
+    Attributes:
+        decisions: the train-mode :class:`KeepDecision` of every stage so far.
+        start: segment -> real unprotected image tokens per row at the first stage (V0).
+        policy: segment -> (B, n, 1) cumulative train-mode decisions.
+    """
+
+    decisions: list[KeepDecision] = field(default_factory=list)
+    start: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
+    policy: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
 @METHODS.register("dynamicvit")
 class DynamicViT(ReductionMethod):
     """Learned image-token pruning (DynamicViT Sec. 3) behind the plug-in interface.
@@ -264,106 +266,96 @@ class DynamicViT(ReductionMethod):
     Needs the token features at each reduction layer in ``stream.hidden`` (B, N, C).
     Train vs. eval follows the plugged model's ``training`` flag at each forward.
 
-    Attributes:
-        decisions: the train-mode :class:`KeepDecision` of every stage of the last forward.
-
     Raises:
         RuntimeError: at a forward where the adapter did not provide the hidden states, or the
             predictors sit on another device than the tokens.
-        ValueError: ``embed_dim`` differs from the tokens' width.
+        ValueError: at ``apply``, ``embed_dim`` differs from the width the adapter hands over.
 
     Example:
         >>> handle = pumer_plug.apply(model, method="dynamicvit", config=DynamicViTConfig.preset("vilt"))
-        >>> model(**batch)  # builds the predictors from the token width (embed_dim=None)
         >>> optimizer = torch.optim.AdamW([*model.parameters(), *handle.method.modules().parameters()])
         >>> model.train(); logits = model(**batch).logits
-        >>> loss = task_loss + 2.0 * keep_ratio_loss(handle.method) + 0.5 * distillation_loss(logits, teacher_logits)
-        >>> handle.method.save_predictors("predictors.safetensors")
+        >>> loss = task_loss + sum(handle.method.training_losses().values()) + 0.5 * distillation_loss(logits, teacher_logits)
+        >>> torch.save(handle.method.state_dict(), "predictors.pt")
     """
 
     name = "dynamicvit"
     display_name = "DynamicViT"
     config_class = DynamicViTConfig
+    requires = frozenset({HIDDEN})
 
     def __init__(self, config: DynamicViTConfig) -> None:
         super().__init__(config)
-        self.training = False
-        self.decisions: list[KeepDecision] = []
-        self._model: weakref.ref | None = None
         self._predictors: nn.ModuleDict | None = None
-        self._start: dict[tuple[int, int], tuple[int, ...]] = {}  # segment -> V0 per row
-        self._policy: dict[tuple[int, int], torch.Tensor] = {}  # segment -> (B, n, 1) train decisions
         if config.embed_dim is not None:
             self._build(config.embed_dim)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def proportional_attention(self) -> bool:
-        return True  # train mode: sizes = keep policy; eval: every size is 1 (pruning never merges)
+        return True  # train mode: sizes = keep policy; eval sets no size, so adapters add no bias
 
     def attach(self, handle: Any) -> None:
-        self._model = weakref.ref(handle.model)
+        """Builds the predictors at the adapter's token width, on the model's device and dtype."""
+        width = handle.adapter.hidden_size
+        if self._predictors is None:
+            self._build(width)
+        elif self.embed_dim != width:
+            raise UserError(f"DynamicViTConfig.embed_dim is {self.embed_dim}, but the {handle.adapter.name} adapter "
+                             f"hands over tokens {width} wide")
+        first = next(handle.model.parameters(), None)
+        if first is not None:
+            self._predictors.to(device=first.device, dtype=first.dtype)
 
-    def on_forward_start(self) -> None:
-        model = None if self._model is None else self._model()
-        if model is not None:
-            self.training = model.training
+    def new_forward_state(self) -> DynamicViTForwardState:
+        return DynamicViTForwardState()
+
+    def on_forward_start(self, state: Any) -> None:
+        super().on_forward_start(state)
         if self._predictors is not None:
-            self._predictors.train(self.training)
-        self.decisions = []
-        self._start.clear()
-        self._policy.clear()
+            self._predictors.train(state.training)
+
+    @property
+    def decisions(self) -> list[KeepDecision]:
+        """The train-mode :class:`KeepDecision` of every stage of the current (or last) forward."""
+        return self.scratch.decisions
 
     def modules(self) -> nn.ModuleDict | None:
-        """The predictors, one per reduction layer (keys ``str(layer)``); None before a lazy build."""
+        """The predictors, one per reduction layer (keys ``str(layer)``); built by ``attach()``."""
         return self._predictors
 
-    def _build(self, embed_dim: int, like: torch.Tensor | None = None) -> None:
+    def training_losses(self) -> dict[str, torch.Tensor]:
+        """``{"keep_ratio": keep_ratio_weight * keep_ratio_loss}`` after a train-mode forward, else empty."""
+        if not self.decisions:
+            return {}
+        return {"keep_ratio": self.config.keep_ratio_weight * keep_ratio_loss(self)}
+
+    @property
+    def embed_dim(self) -> int | None:
+        """The predictors' width (None before they are built)."""
+        return None if self._predictors is None else self._predictors[str(self.config.reduction_layers[0])].in_conv[1].in_features
+
+    def _build(self, embed_dim: int) -> None:
         self._predictors = nn.ModuleDict({str(i): PredictorLG(embed_dim) for i in self.config.reduction_layers})
-        if like is not None:
-            autocast = torch.is_autocast_enabled(like.device.type)
-            self._predictors.to(device=like.device, dtype=torch.float32 if autocast else like.dtype)
-        self._predictors.train(self.training)
+        self._predictors.train(False)
 
-    # -- saving ---------------------------------------------------------------------------------
-    def save_predictors(self, path: str) -> None:
-        """Writes the predictors (and the layers and width they fit) to a safetensors file.
+    # -- saved state -------------------------------------------------------------------------------
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads predictors saved from :meth:`state_dict` (building them if the method has none yet).
 
         Raises:
-            RuntimeError: no predictors yet (``embed_dim`` is None and no forward ran).
+            UserError: the state holds predictors for other reduction layers or of another width.
         """
-        from safetensors.torch import save_file
-
-        if self._predictors is None:
-            raise RuntimeError("DynamicViT has no predictors yet: set DynamicViTConfig.embed_dim or run one forward")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._predictors.state_dict().items()}
-        dim = self._predictors[str(self.config.reduction_layers[0])].in_conv[1].in_features
-        metadata = {"format": _FORMAT, "embed_dim": str(dim), "reduction_layers": json.dumps(list(self.config.reduction_layers))}
-        save_file(tensors, str(path), metadata=metadata)
-
-    def load_predictors(self, path: str) -> None:
-        """Loads predictors saved by :meth:`save_predictors` into this method (building them if needed).
-
-        Raises:
-            ValueError: the file is not a DynamicViT predictor file, or was saved for other
-                reduction layers or another width.
-        """
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a DynamicViT predictor file (format {metadata.get('format')!r})")
-        layers, dim = tuple(json.loads(metadata["reduction_layers"])), int(metadata["embed_dim"])
+        layers = tuple(sorted({int(key.split(".", 1)[0]) for key in state}))
         if layers != self.config.reduction_layers:
-            raise ValueError(f"{path} holds predictors for reduction_layers {layers}, "
-                             f"but the config has {self.config.reduction_layers}")
+            raise UserError(f"the state holds DynamicViT predictors for reduction_layers {layers}, "
+                            f"but the config has {self.config.reduction_layers}")
+        width = state[f"{layers[0]}.in_conv.1.weight"].shape[1]
         if self._predictors is None:
-            self._build(dim)
-        current = self._predictors[str(layers[0])].in_conv[1].in_features
-        if current != dim:
-            raise ValueError(f"{path} holds predictors of width {dim}, but this method's are {current} wide")
-        self._predictors.load_state_dict(tensors)
+            self._build(width)
+        if self.embed_dim != width:
+            raise UserError(f"the state holds DynamicViT predictors of width {width}, but this method's are "
+                            f"{self.embed_dim} wide")
+        super().load_state_dict(state)
 
     # -- reduction ------------------------------------------------------------------------------
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
@@ -391,27 +383,29 @@ class DynamicViT(ReductionMethod):
         return stream.reduce_segments(plans)
 
     def _prune(self, layer: int, stream: TokenStream, key: tuple[int, int], start: int, view: SegmentView):
-        if getattr(stream, "hidden", None) is None:
+        if stream.hidden is None:
             raise RuntimeError(f"DynamicViT: the adapter did not provide the hidden states (stream.hidden) at reduction layer {layer}")
         x = stream.hidden[:, start : start + view.segment.length]  # (B, n, C)
         predictor = self._predictor(layer, x)
         x = x.to(next(predictor.parameters()).dtype)
         candidates = view.mask & ~view.protected  # (B, n) real, prunable
         p = view.segment.num_protected
-        v0 = self._start.setdefault(key, tuple(n - p for n in view.lengths))
+        scratch = self.scratch
+        v0 = scratch.start.setdefault(key, offset_counts(view.lengths, -p))
         ratio = self.config.stage_keep_ratio(layer)
         if self.training:
-            prev = self._policy.get(key)
+            prev = scratch.policy.get(key)
             prev = candidates.float().unsqueeze(-1) if prev is None else prev  # (B, n, 1)
             keep = self._decide(predictor(x, prev), prev)
-            self._policy[key] = keep
-            self.decisions.append(KeepDecision(layer, keep[..., 0], candidates, ratio))
+            scratch.policy[key] = keep
+            scratch.decisions.append(KeepDecision(layer, keep[..., 0], candidates, ratio))
             size = torch.where(candidates.unsqueeze(-1), policy_sizes(keep), torch.ones_like(keep))
             return ReductionPlan.identity(view.segment.length), size
         with torch.no_grad():
             scores = predictor(x, candidates.unsqueeze(-1))[..., 0]  # (B, n) keep log-probability
-        kept = [min(n - p, keep_count(v, ratio)) for n, v in zip(view.lengths, v0)]
-        pruned = tuple(n - p - k for n, k in zip(view.lengths, kept))
+        unprotected = offset_counts(view.lengths, -p)
+        kept = min_counts(unprotected, fraction_count(v0, ratio))  # DynamicViT int(init_n * token_ratio[s])
+        pruned = add_counts(unprotected, kept, sign=-1)
         return prune_by_score(scores, view.mask, view.protected, pruned, view.lengths), None
 
     def _decide(self, log_probs: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -420,11 +414,11 @@ class DynamicViT(ReductionMethod):
 
     def _predictor(self, layer: int, x: torch.Tensor) -> PredictorLG:
         if self._predictors is None:
-            self._build(x.shape[-1], like=x)
+            raise RuntimeError("DynamicViT has no predictors: apply() it to a model or set DynamicViTConfig.embed_dim")
         predictor = self._predictors[str(layer)]
         weight = predictor.in_conv[1].weight
         if weight.shape[1] != x.shape[-1]:
-            raise ValueError(f"DynamicViTConfig.embed_dim is {weight.shape[1]}, but the tokens at layer {layer} are {x.shape[-1]} wide")
+            raise UserError(f"DynamicViTConfig.embed_dim is {weight.shape[1]}, but the tokens at layer {layer} are {x.shape[-1]} wide")
         if weight.device != x.device:
             raise RuntimeError(f"DynamicViT predictors are on {weight.device} but the tokens on {x.device}; "
                                "move them with handle.method.modules().to(device)")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from pumer_plug.config import check_ratio
-from pumer_plug.method import ReductionMethod
+from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
+from pumer_plug.method import TEXT_SALIENCY, ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.placement import placement
 from pumer_plug.ops.reduce import combine_heads, drop_padding, prune_by_score, prune_count
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TokenStream
@@ -24,7 +24,7 @@ KEEP_BUDGETS = (192, 128, 64)
 
 
 @dataclass(frozen=True)
-class KeepConfig:
+class KeepConfig(MethodConfig):
     """Where a keep-top-k method prunes image tokens and how many it keeps.
 
     Attributes:
@@ -34,50 +34,33 @@ class KeepConfig:
         keep_tokens: image tokens kept per sample; overrides ``prune_ratio`` when set (>= 1).
 
     Raises:
-        ValueError: a field of the wrong type or range; the message names the field.
+        UserError: a field of the wrong type or range; the message names the field.
     """
 
     layer: int = 2
     prune_ratio: float = 0.5
     keep_tokens: int | None = None
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "default": {},
-        **{f"keep{n}": {"keep_tokens": n} for n in KEEP_BUDGETS},
-    }
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.register_preset("default", "FastV Sec. 4: K = 2, R = 50%")
+        for n in KEEP_BUDGETS:
+            cls.register_preset(f"keep{n}", f"keep {n} of LLaVA-1.5's 576 image tokens", keep_tokens=n)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"{name}.layer must be an int >= 1 (K, the first layer on the kept tokens), got {self.layer!r}")
-        check_ratio(name, "prune_ratio", self.prune_ratio)
+            raise UserError(f"{name}.layer must be an int >= 1 (K, the first layer on the kept tokens), got {self.layer!r}")
+        self._ratios("prune_ratio")
         k = self.keep_tokens
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"{name}.keep_tokens must be None or an int >= 1, got {k!r}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any):
-        """Returns a named budget (``keep192``, ``keep128``, ``keep64``, ``default``).
-
-        Raises:
-            ValueError: unknown preset, listing the known ones.
-        """
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
-    @classmethod
-    def list_presets(cls) -> list[str]:
-        return sorted(cls.PRESETS)
+            raise UserError(f"{name}.keep_tokens must be None or an int >= 1, got {k!r}")
 
     @property
     def is_identity(self) -> bool:
         return self.keep_tokens is None and self.prune_ratio == 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
+    def summary(self) -> str:
         budget = f"keep={self.keep_tokens}" if self.keep_tokens is not None else f"R={self.prune_ratio:g}"
         return f"K={self.layer} {budget}"
 
@@ -112,9 +95,6 @@ class KeepTopK(ReductionMethod):
                 f"{type(self.config).__name__}.keep_tokens={k} exceeds the {num_image} image tokens of a sample"
             )
 
-    def attach(self, handle: Any) -> None:
-        placement(handle.adapter, self)  # raises, naming both, on a backbone without a decoder
-
     def scores(self, layer: int, stream: TokenStream):
         raise NotImplementedError
 
@@ -137,6 +117,8 @@ class KeepTopK(ReductionMethod):
 class FastVConfig(KeepConfig):
     """FastV: K = 2, R = 50% by default (FastV Sec. 4). See :class:`KeepConfig`."""
 
+    LABEL: ClassVar[str] = "FastV"
+
 
 @METHODS.register("fastv")
 class FastV(KeepTopK):
@@ -149,7 +131,7 @@ class FastV(KeepTopK):
     name = "fastv"
     display_name = "FastV"
     config_class = FastVConfig
-    needs_text_saliency = True
+    requires = frozenset({TEXT_SALIENCY})
     saliency_queries = "last"
 
     def scores(self, layer: int, stream: TokenStream):

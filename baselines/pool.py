@@ -15,14 +15,15 @@ import torch
 
 from pumer_plug.method import ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.placement import placement
 from pumer_plug.ops.reduce import drop_padding
+from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TokenStream
 
 
 @dataclass(frozen=True)
-class PoolConfig:
+class PoolConfig(MethodConfig):
     """Average pooling of the image-token grid.
 
     Attributes:
@@ -30,41 +31,27 @@ class PoolConfig:
             at the grid's edge averages the tokens it covers).
 
     Raises:
-        ValueError: a stride that is not an int >= 1.
+        UserError: a stride that is not an int >= 1.
     """
 
     stride: int = 2
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"keep144": {"stride": 2}, "keep64": {"stride": 3}}
+    LABEL: ClassVar[str] = "Pool"
 
     def __post_init__(self) -> None:
         if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"PoolConfig.stride must be an int >= 1, got {self.stride!r}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "PoolConfig":
-        """Returns ``keep144`` (2 x 2 of 24 x 24) or ``keep64`` (3 x 3).
-
-        Raises:
-            ValueError: unknown preset, listing the known ones.
-        """
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown PoolConfig preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
-    @classmethod
-    def list_presets(cls) -> list[str]:
-        return sorted(cls.PRESETS)
+            raise UserError(f"PoolConfig.stride must be an int >= 1, got {self.stride!r}")
 
     @property
     def is_identity(self) -> bool:
         return self.stride == 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
+    def summary(self) -> str:
         return f"stride={self.stride}"
+
+
+PoolConfig.register_preset("keep144", "2 x 2 pooling of LLaVA-1.5's 24 x 24 grid (576 -> 144)", stride=2)
+PoolConfig.register_preset("keep64", "3 x 3 pooling of the 24 x 24 grid (576 -> 64)", stride=3)
 
 
 def pool_plan(batch: int, side: int, stride: int, device: torch.device) -> ReductionPlan:
@@ -97,9 +84,6 @@ class Pool(ReductionMethod):
         side = math.isqrt(num_image)
         if side * side != num_image:
             raise ValueError(f"pool: {num_image} image tokens do not form a square grid")
-
-    def attach(self, handle: Any) -> None:
-        placement(handle.adapter, self)  # raises, naming both, on a backbone without a decoder
 
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         plans = []

@@ -6,10 +6,12 @@ UniPruneBench, arXiv 2511.02650). The same budget fields as FastV (:class:`KeepC
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from pumer_plug.baselines.fastv import KeepConfig, KeepTopK
+from pumer_plug.errors import UserError
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TokenStream
 
@@ -25,13 +27,15 @@ class RandomConfig(KeepConfig):
 
     seed: int = 0
 
+    LABEL: ClassVar[str] = "Random"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"RandomConfig.seed must be an int, got {self.seed!r}")
+            raise UserError(f"RandomConfig.seed must be an int, got {self.seed!r}")
 
-    def describe(self) -> str:
-        return f"{super().describe()} seed={self.seed}"
+    def summary(self) -> str:
+        return f"{super().summary()} seed={self.seed}"
 
 
 @METHODS.register("random")

@@ -8,16 +8,20 @@ of the model's ``forward``: ``pixel_values`` (B, C, H, W) or (B, n, C, H, W), ``
 
 The backbone must then take images of the new size, with position embeddings interpolated to the
 new, possibly non-square, patch grid (1 + (H/p)(W/p) positions). That is backbone knowledge, so
-``attach`` asks the adapter (``adapter.accept_image_size(handle)``) when it has that hook;
-otherwise it relies on the backbone itself:
+SmRes requires the ``image_size`` capability, and ``attach`` asks the adapter
+(``adapter.accept_image_size(handle)``) to make the backbone take it; adapters without it are
+refused at ``apply()``:
 
 - ViLT (transformers): ``visual_embed`` interpolates the position embedding to each image's
-  (h, w) patch grid: works, non-square included.
-- BridgeTower and other transformers vision models: every module whose ``forward`` takes
-  ``interpolate_pos_encoding`` gets it set to True (bicubic to (H/p, W/p)): works, non-square included.
-- timm ViT built with ``dynamic_img_size=True``: resamples ``pos_embed`` per forward: works.
-- timm ViT with a fixed size, open_clip ``VisionTransformer``, METER's CLIP tower: need the
-  adapter's ``accept_image_size`` (their position embeddings have a fixed length).
+  (h, w) patch grid: nothing to do, non-square included.
+- BridgeTower: every module whose ``forward`` takes ``interpolate_pos_encoding`` gets it set to
+  True (bicubic to (H/p, W/p)), non-square included.
+- timm ViT: timm's ``dynamic_img_size`` path; open_clip ``VisionTransformer`` and METER's CLIP
+  tower: the adapter resamples the fixed-length position table to the input's patch grid.
+
+The resizer is a pre-hook on the adapter's ``image_module``: the module whose ``forward`` takes
+the images (the model itself, or e.g. a CLIP model's ``visual`` tower, so ``encode_image`` is
+reduced as well as the full forward).
 
 SmRes reduces no token inside the model. It reports reduction layer 0, where it returns identity
 plans, so ``handle.token_counts[0]`` holds the (smaller) token counts every layer computes on.
@@ -26,14 +30,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pumer_plug.method import ReductionMethod
+from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
+from pumer_plug.method import IMAGE_SIZE, ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import TokenStream
@@ -46,7 +52,7 @@ DEFAULT_SCALE = 0.75
 
 
 @dataclass(frozen=True)
-class SmResConfig:
+class SmResConfig(MethodConfig):
     """The input size of the SmRes baseline: a scale or a fixed image size.
 
     Attributes:
@@ -70,39 +76,39 @@ class SmResConfig:
     multiple_of: int = 1
     antialias: bool = True
 
+    LABEL: ClassVar[str] = "SmRes"
+
     def __post_init__(self) -> None:
         scale, size = self.scale, self.image_size
         if scale is not None and size is not None:
-            raise ValueError("SmResConfig.scale and SmResConfig.image_size exclude each other; set one")
+            raise UserError("SmResConfig.scale and SmResConfig.image_size exclude each other; set one")
         if size is None:
             scale = DEFAULT_SCALE if scale is None else scale
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= 1.0:
-                raise ValueError(f"SmResConfig.scale must be a number in (0, 1], got {scale!r}")
+                raise UserError(f"SmResConfig.scale must be a number in (0, 1], got {scale!r}")
             object.__setattr__(self, "scale", float(scale))
         else:
             size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
             try:
                 size = tuple(size)
             except TypeError:
-                raise ValueError(f"SmResConfig.image_size must be (H, W) or an int, got {self.image_size!r}") from None
+                raise UserError(f"SmResConfig.image_size must be (H, W) or an int, got {self.image_size!r}") from None
             if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
-                raise ValueError(f"SmResConfig.image_size must be two ints > 0 (H, W), got {self.image_size!r}")
+                raise UserError(f"SmResConfig.image_size must be two ints > 0 (H, W), got {self.image_size!r}")
             object.__setattr__(self, "image_size", size)
         m = self.multiple_of
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"SmResConfig.multiple_of must be an int >= 1, got {m!r}")
+            raise UserError(f"SmResConfig.multiple_of must be an int >= 1, got {m!r}")
         if not isinstance(self.antialias, bool):
-            raise ValueError(f"SmResConfig.antialias must be a bool, got {self.antialias!r}")
+            raise UserError(f"SmResConfig.antialias must be a bool, got {self.antialias!r}")
 
     @property
     def is_identity(self) -> bool:
         return self.image_size is None and self.scale == 1.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        return f"image_size={self.image_size}" if self.image_size else f"scale={self.scale:g}"
+    def summary(self) -> str:
+        size = f"image_size={self.image_size[0]}x{self.image_size[1]}" if self.image_size else f"scale={self.scale:g}"
+        return size if self.multiple_of == 1 else f"{size} multiple_of={self.multiple_of}"
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) fed to the model for an input of ``height`` x ``width`` pixels."""
@@ -154,6 +160,7 @@ class SmRes(ReductionMethod):
     name = "smres"
     display_name = "SmRes"
     config_class = SmResConfig
+    requires = frozenset({IMAGE_SIZE})
 
     def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
         return (0,)  # identity plans there: the adapter records the token counts of the forward
@@ -162,17 +169,13 @@ class SmRes(ReductionMethod):
         return stream.reduce_segments([ReductionPlan.identity(s.length) for s in stream.segments])
 
     def attach(self, handle: Any) -> None:
-        model = handle.model
-        signature = inspect.signature(model.forward)
+        module = handle.adapter.image_module
+        signature = inspect.signature(module.forward)
         if not any(name in signature.parameters for name in IMAGE_ARGUMENTS):
-            raise ValueError(f"smres: {type(model).__name__}.forward{signature} has no image argument "
+            raise ValueError(f"smres: {type(module).__name__}.forward{signature} has no image argument "
                              f"(one of {', '.join(IMAGE_ARGUMENTS)})")
-        handle.add_forward_pre_hook(model, self._resizer(signature, type(model).__name__), with_kwargs=True)
-        accept = getattr(handle.adapter, "accept_image_size", None)
-        if accept is not None:
-            accept(handle)
-        else:
-            request_pos_interpolation(handle, model)
+        handle.add_forward_pre_hook(module, self._resizer(signature, type(module).__name__), with_kwargs=True)
+        handle.adapter.accept_image_size(handle)
 
     def _resizer(self, signature: inspect.Signature, owner: str):
         config = self.config
@@ -193,29 +196,6 @@ class SmRes(ReductionMethod):
             return bound.args, bound.kwargs
 
         return hook
-
-
-def request_pos_interpolation(handle: Any, model: nn.Module) -> None:
-    """Sets ``interpolate_pos_encoding=True`` on every module whose ``forward`` takes it
-    (the transformers convention for vision models fed another image size)."""
-    for module in model.modules():
-        signature = _signature(type(module))
-        if signature is None or "interpolate_pos_encoding" not in signature.parameters:
-            continue
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, signature=signature):
-            bound = signature.bind_partial(module, *args, **kwargs)
-            bound.arguments["interpolate_pos_encoding"] = True
-            return bound.args[1:], bound.kwargs
-
-        handle.add_forward_pre_hook(module, hook, with_kwargs=True)
-
-
-def _signature(cls: type) -> inspect.Signature | None:
-    try:
-        return inspect.signature(cls.forward)
-    except (TypeError, ValueError):
-        return None
 
 
 def _is_image(value: Any) -> bool:

@@ -9,11 +9,13 @@ mergeable tokens; the counts really used are kept in :attr:`Tome.effective_r`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from pumer_plug.config import check_layers
-from pumer_plug.method import ReductionMethod
+from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
+from pumer_plug.method import KEYS, ReductionMethod
+from pumer_plug.ops.counts import cap_merges
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import bipartite_soft_matching, drop_padding
 from pumer_plug.registry import METHODS
@@ -25,7 +27,7 @@ def _is_count(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class TomeConfig:
+class TomeConfig(MethodConfig):
     """ToMe's r schedule (``tome.utils.parse_r``) and where it applies.
 
     Attributes:
@@ -52,33 +54,49 @@ class TomeConfig:
     reduction_layers: tuple[int, ...] | None = None
     proportional_attention: bool = True
 
+    LABEL: ClassVar[str] = "ToMe"
+
     def __post_init__(self) -> None:
         r = self.r
         if isinstance(r, (list, tuple)):
             if not all(_is_count(v) for v in r):
-                raise ValueError(f"TomeConfig.r must hold token counts (ints >= 0) per layer, got {r!r}")
+                raise UserError(f"TomeConfig.r must hold token counts (ints >= 0) per layer, got {r!r}")
             object.__setattr__(self, "r", tuple(r))
         elif not _is_count(r):
-            raise ValueError(f"TomeConfig.r must be an int >= 0 or one int >= 0 per layer, got {r!r}")
+            raise UserError(f"TomeConfig.r must be an int >= 0 or one int >= 0 per layer, got {r!r}")
         inflection = self.inflection
         if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or math.isnan(inflection):
-            raise ValueError(f"TomeConfig.inflection must be a number in [-1, 1], got {inflection!r}")
+            raise UserError(f"TomeConfig.inflection must be a number in [-1, 1], got {inflection!r}")
         if not -1.0 <= inflection <= 1.0:
-            raise ValueError(f"TomeConfig.inflection must be in [-1, 1], got {inflection!r}")
+            raise UserError(f"TomeConfig.inflection must be in [-1, 1], got {inflection!r}")
         if inflection and isinstance(self.r, tuple):
-            raise ValueError("TomeConfig.inflection shapes a constant int r; it cannot be combined with per-layer r")
+            raise UserError("TomeConfig.inflection shapes a constant int r; it cannot be combined with per-layer r")
         if self.reduction_layers is not None:
-            layers = check_layers("TomeConfig", "reduction_layers", self.reduction_layers)
-            object.__setattr__(self, "reduction_layers", layers)
-        if not isinstance(self.proportional_attention, bool):
-            raise ValueError(f"TomeConfig.proportional_attention must be a bool, got {self.proportional_attention!r}")
+            self._layers()
+        self._bools("proportional_attention")
+        self._warn_if_inert()
+
+    def summary(self) -> str:
+        r = ",".join(map(str, self.r)) if isinstance(self.r, tuple) else str(self.r)
+        parts = [f"r={r}"]
+        if self.inflection:
+            parts.append(f"inflection={self.inflection:g}")
+        if self.reduction_layers is not None:
+            parts.append(f"layers={','.join(map(str, self.reduction_layers)) or 'none'}")
+        if not self.proportional_attention:
+            parts.append("no-prop-attn")
+        return " ".join(parts)
+
+    @property
+    def reduces_nothing(self) -> bool:
+        return self.reduction_layers == ()
 
     @classmethod
     def from_tome(cls, r: int | list[int] | tuple[int, float], **overrides: Any) -> "TomeConfig":
         """Builds a config from ToMe's ``model.r`` forms: an int, a per-layer list, or ``(r, inflection)``."""
         if isinstance(r, tuple):
             if len(r) != 2:
-                raise ValueError(f"TomeConfig.from_tome: a tuple r must be ToMe's (r, inflection), got {r!r}")
+                raise UserError(f"TomeConfig.from_tome: a tuple r must be ToMe's (r, inflection), got {r!r}")
             return cls(r=r[0], inflection=r[1], **overrides)
         return cls(r=r, **overrides)
 
@@ -123,13 +141,17 @@ def merge_cap(num_tokens: int, r: int, num_protected: int) -> int:
     return max(0, min(r, (num_tokens - num_protected) // 2))
 
 
+@dataclass
+class TomeForwardState:
+    """ToMe's per-forward scratch: layer -> tokens merged away per row, one tuple per stream."""
+
+    effective_r: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)
+
+
 @METHODS.register("tome")
 class Tome(ReductionMethod):
-    """Token merging by bipartite soft matching over a whole stream (ToMe Sec. 3).
-
-    Attributes:
-        effective_r: layer -> tokens merged away per row in the last forward (after the cap), one
-            tuple per stream in the order the adapter reduced them (two-stream models have two).
+    """Token merging by bipartite soft matching over a whole stream (ToMe Sec. 3), with ToMe's
+    split by position (``tome.merge.bipartite_soft_matching``; ``split="position"``).
 
     Raises:
         RuntimeError: at a forward where the adapter did not capture the keys.
@@ -138,14 +160,24 @@ class Tome(ReductionMethod):
     name = "tome"
     display_name = "ToMe"
     config_class = TomeConfig
-    needs_keys = True
-    needs_text_saliency = False
+    requires = frozenset({KEYS})
 
     def __init__(self, config: TomeConfig) -> None:
         super().__init__(config)
         self.merges_text = not config.is_identity  # tokens merge whatever their modality
         self._schedule: tuple[int, ...] = ()
-        self.effective_r: dict[int, list[tuple[int, ...]]] = {}
+
+    @property
+    def effective_r(self) -> dict[int, list[tuple[int, ...]]]:
+        """Layer -> tokens merged away per row in the current (or last) forward, after the cap;
+        one tuple per stream in the order the adapter reduced them (two-stream models have two)."""
+        return self.scratch.effective_r
+
+    def new_forward_state(self) -> TomeForwardState:
+        return TomeForwardState()
+
+    def proportional_attention(self) -> bool:
+        return self.config.proportional_attention
 
     def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.config.reduction_layers is not None:
@@ -153,22 +185,18 @@ class Tome(ReductionMethod):
         self._schedule = self.config.schedule(num_layers)
         return tuple(i for i, r in enumerate(self._schedule) if r > 0)
 
-    def on_forward_start(self) -> None:
-        self.effective_r = {}
-
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         r = self._schedule[layer] if layer < len(self._schedule) else 0
         lengths = stream.real_counts()
         num_protected = sum(s.num_protected for s in stream.segments)
-        merged = tuple(merge_cap(n, r, num_protected) for n in lengths)
+        merged = cap_merges(r, lengths, num_protected)
         self.effective_r.setdefault(layer, []).append(merged)
         if any(merged) and stream.keys is None:
             raise RuntimeError(f"ToMe: attention keys were not captured at reduction layer {layer}")
         if any(merged):
-            plan = bipartite_soft_matching(stream.keys, stream.mask, stream.protected, merged, lengths)
+            plan = bipartite_soft_matching(stream.keys, stream.mask, stream.protected, merged, lengths, split="position")
         else:
             plan = drop_padding(stream.mask, lengths)
         if len(stream.segments) == 1:  # one run keeps its modality (an image-only ViT stays "image")
             return stream.reduce_segments([plan])
         return stream.reduce_all(plan)  # ToMe merges text and image tokens with each other
-

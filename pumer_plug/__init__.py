@@ -6,11 +6,12 @@ Example:
     >>> model(**batch)          # runs with PuMer's token reducers
     >>> handle.remove()         # the model is exactly as before
 """
-from pumer_plug.config import PumerConfig
-from pumer_plug.handle import ReductionHandle, TokenCount, apply, detect_adapter, make_method
+from pumer_plug.config import MethodConfig, PumerConfig
+from pumer_plug.handle import ReductionHandle, apply, detect_adapter, make_method
 from pumer_plug.method import ReductionMethod
 from pumer_plug.pumer import Pumer
 from pumer_plug.registry import ADAPTERS, METHODS
+from pumer_plug.state import ForwardState, TokenCount
 
 __version__ = "0.1.0"
 
@@ -28,8 +29,16 @@ def list_methods(pattern: str = "*") -> list[str]:
 # Importing the plug-in packages fills the registries.
 from pumer_plug import adapters as _adapters  # noqa: E402,F401
 from pumer_plug import baselines as _baselines  # noqa: E402,F401
+from pumer_plug.baselines.dynamicvit import DynamicViTConfig  # noqa: E402
+from pumer_plug.baselines.fastv import FastVConfig  # noqa: E402
+from pumer_plug.baselines.pool import PoolConfig  # noqa: E402
+from pumer_plug.baselines.random_prune import RandomConfig  # noqa: E402
+from pumer_plug.baselines.smres import SmResConfig  # noqa: E402
+from pumer_plug.baselines.tome import TomeConfig  # noqa: E402
 
 __all__ = [
-    "PumerConfig", "ReductionHandle", "ReductionMethod", "TokenCount", "Pumer",
+    "MethodConfig", "PumerConfig", "TomeConfig", "DynamicViTConfig", "SmResConfig", "FastVConfig", "RandomConfig",
+    "PoolConfig",
+    "ForwardState", "ReductionHandle", "ReductionMethod", "TokenCount", "Pumer",
     "apply", "detect_adapter", "make_method", "list_adapters", "list_methods",
 ]

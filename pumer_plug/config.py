@@ -1,11 +1,13 @@
-"""Method configs: PuMer's (where to reduce and by how much, with the paper's presets) and how
-any method's config is read from a preset name, a JSON/YAML file or a mapping."""
+"""Method configs: the :class:`MethodConfig` base every method's config derives from, PuMer's
+config with the paper's presets, and how any method's config is read from a preset name, a
+JSON/YAML file or a mapping."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,8 +37,125 @@ def check_layers(owner: str, name: str, layers: Any) -> tuple[int, ...]:
     return layers
 
 
+def check_bool(owner: str, name: str, value: Any) -> None:
+    """Raises ValueError unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise UserError(f"{owner}.{name} must be a bool, got {value!r}")
+
+
 @dataclass(frozen=True)
-class PumerConfig:
+class MethodConfig:
+    """Base of every method's config (a frozen dataclass): validation helpers, presets, a short
+    description, and conversion from and to plain mappings.
+
+    A subclass declares its fields, sets ``LABEL`` (how :meth:`describe` names the method),
+    validates in ``__post_init__`` (a bad value raises ValueError naming ``Class.field``), and
+    may override :meth:`summary`, :attr:`is_identity` and :attr:`reduces_nothing`. Presets are
+    registered with :meth:`register_preset`; every subclass has its own ``PRESETS`` and
+    ``PRESET_SOURCES``.
+
+    Example:
+        >>> TomeConfig.from_dict({"r": 12}).describe()
+        'ToMe r=12'
+    """
+
+    LABEL: ClassVar[str] = ""
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    PRESET_SOURCES: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "PRESETS" not in vars(cls):
+            cls.PRESETS, cls.PRESET_SOURCES = {}, {}
+
+    # -- presets -------------------------------------------------------------------------------
+    @classmethod
+    def register_preset(cls, name: str, source: str, **values: Any) -> None:
+        """Adds a named preset and where its values come from (paper table, released code)."""
+        cls.PRESETS[name] = values
+        cls.PRESET_SOURCES[name] = source
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "MethodConfig":
+        """Returns a named preset (see ``PRESET_SOURCES``), with fields overridden.
+
+        Raises:
+            ValueError: unknown preset, listing the known ones.
+        """
+        if name not in cls.PRESETS:
+            known = ", ".join(sorted(cls.PRESETS)) or "(none)"
+            raise UserError(f"unknown {cls.LABEL or cls.__name__} preset {name!r}; known presets: {known}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def list_presets(cls) -> list[str]:
+        return sorted(cls.PRESETS)
+
+    # -- mappings ------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        """Builds a config from a mapping (e.g. parsed JSON/YAML).
+
+        Raises:
+            ValueError: unknown keys (named), or a value out of range (the field is named).
+        """
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise UserError(f"unknown {cls.__name__} field(s) {unknown}; fields: {sorted(cls.field_names())}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values (tuples become lists), so ``from_dict(to_dict())`` round-trips through JSON."""
+        return json.loads(json.dumps(asdict(self)))
+
+    # -- description ---------------------------------------------------------------------------
+    def summary(self) -> str:
+        """The fields that differ from the defaults, ``name=value`` (subclasses write shorter forms)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items() if defaults.get(k) != v)
+
+    def describe(self) -> str:
+        """A short human form for tables and logs: ``"ToMe r=12"``, ``"PuMer layers=2,5,8 k=0.1 r=0.3 t=0.2"``."""
+        return " ".join(part for part in (self.LABEL, self.summary()) if part)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the config reduces nothing by its ratios/counts (the dense model's outputs)."""
+        return False
+
+    @property
+    def reduces_nothing(self) -> bool:
+        """True when the config's placement makes it a no-op whatever its ratios (e.g. no reduction layers)."""
+        return False
+
+    # -- validation helpers for __post_init__ --------------------------------------------------
+    def _owner(self) -> str:
+        return type(self).__name__
+
+    def _ratios(self, *names: str) -> None:
+        for name in names:
+            check_ratio(self._owner(), name, getattr(self, name))
+
+    def _layers(self, name: str = "reduction_layers") -> None:
+        object.__setattr__(self, name, check_layers(self._owner(), name, getattr(self, name)))
+
+    def _bools(self, *names: str) -> None:
+        for name in names:
+            check_bool(self._owner(), name, getattr(self, name))
+
+    def _warn_if_inert(self) -> None:
+        """Warns when the config would reduce nothing although its ratios ask for a reduction."""
+        if self.reduces_nothing and not self.is_identity:
+            warnings.warn(f"{self.describe()}: no reduction layer is set, so nothing will be reduced", UserWarning,
+                          stacklevel=4)
+
+
+@dataclass(frozen=True)
+class PumerConfig(MethodConfig):
     """PuMer token reducers (PuMer Sec. 4, Alg. 1).
 
     Attributes:
@@ -65,53 +184,29 @@ class PumerConfig:
     proportional_attention: bool = False
     saliency_heads: str = "sum"
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-    PRESET_SOURCES: ClassVar[dict[str, str]] = {}
+    LABEL: ClassVar[str] = "PuMer"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "reduction_layers", check_layers("PumerConfig", "reduction_layers", self.reduction_layers))
-        for name in ("prune_ratio", "image_merge_ratio", "text_merge_ratio"):
-            check_ratio("PumerConfig", name, getattr(self, name))
-        if not isinstance(self.proportional_attention, bool):
-            raise UserError(f"PumerConfig.proportional_attention must be a bool, got {self.proportional_attention!r}")
+        self._layers()
+        self._ratios("prune_ratio", "image_merge_ratio", "text_merge_ratio")
+        self._bools("proportional_attention")
         if self.saliency_heads not in SALIENCY_HEADS:
             raise UserError(f"PumerConfig.saliency_heads must be one of {SALIENCY_HEADS}, got {self.saliency_heads!r}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "PumerConfig":
-        """Returns a named preset from the paper or the official PuMer code (see ``PRESET_SOURCES``).
-
-        Raises:
-            ValueError: unknown preset, listing the known ones.
-        """
-        if name not in cls.PRESETS:
-            raise UserError(f"unknown PuMer preset {name!r}; known presets: {', '.join(sorted(cls.PRESETS))}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
-    @classmethod
-    def list_presets(cls) -> list[str]:
-        return sorted(cls.PRESETS)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PumerConfig":
-        """Builds a config from a mapping (e.g. a parsed JSON/YAML file); unknown keys raise."""
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown PumerConfig field(s) {unknown}; fields: {sorted(known)}")
-        return cls(**values)
+        self._warn_if_inert()
 
     @property
     def is_identity(self) -> bool:
         return not (self.prune_ratio or self.image_merge_ratio or self.text_merge_ratio)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def reduces_nothing(self) -> bool:
+        return not self.reduction_layers
 
-    def describe(self) -> str:
-        layers = ",".join(map(str, self.reduction_layers))
+    def summary(self) -> str:
+        layers = ",".join(map(str, self.reduction_layers)) or "none"
         heads = "" if self.saliency_heads == "sum" else f" heads={self.saliency_heads}"
-        return f"layers={layers} k={self.prune_ratio:g} r={self.image_merge_ratio:g} t={self.text_merge_ratio:g}{heads}"
+        prop = " prop-attn" if self.proportional_attention else ""
+        return f"layers={layers} k={self.prune_ratio:g} r={self.image_merge_ratio:g} t={self.text_merge_ratio:g}{heads}{prop}"
 
     def token_schedule(self, num_text: int, num_image: int, num_layers: int) -> list[tuple[int, int]]:
         """Real (text, image) token counts leaving every layer, for one row without padding.
@@ -129,9 +224,7 @@ class PumerConfig:
         return counts
 
 
-def _register(name: str, source: str, **values: Any) -> None:
-    PumerConfig.PRESETS[name] = values
-    PumerConfig.PRESET_SOURCES[name] = source
+_register = PumerConfig.register_preset
 
 
 _OFFICIAL = "csarron/PuMer notes/cmd.md"
@@ -165,11 +258,10 @@ def config_from_mapping(config_cls: type, values: Any, source: str) -> Any:
     """Builds ``config_cls`` from a mapping; unknown fields raise ValueError naming them and ``source``."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - fields)
+    unknown = sorted(set(values) - set(config_cls.field_names()))
     if unknown:
-        raise UserError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(fields)}")
-    return config_cls(**values)
+        raise UserError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(config_cls.field_names())}")
+    return config_cls.from_dict(values)  # a value out of range raises naming Class.field (callers add the file)
 
 
 def read_config_file(path: Path) -> Any:
@@ -208,7 +300,7 @@ def load_method_config(method: str, spec: Any = None) -> Any:
     if isinstance(spec, dict):
         return config_from_mapping(config_cls, spec, f"{method} config")
     spec = str(spec)
-    presets = getattr(config_cls, "PRESETS", {})
+    presets = config_cls.PRESETS
     if spec in presets:
         return config_cls.preset(spec)
     path = Path(spec)

@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from pumer_plug.method import ReductionMethod
+from pumer_plug.errors import UserError
+from pumer_plug.method import CAPABILITY_NAMES, ReductionMethod
+from pumer_plug.placement import placement
 from pumer_plug.registry import ADAPTERS, METHODS
-from pumer_plug.stream import IMAGE, MIXED, TEXT, TokenStream
+from pumer_plug.state import ForwardState, TokenCount
+from pumer_plug.stream import TokenStream
+
+__all__ = ["ForwardState", "ReductionHandle", "TokenCount", "apply", "detect_adapter", "make_method"]
 
 _PLUGGED: "weakref.WeakKeyDictionary[nn.Module, ReductionHandle]" = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class TokenCount:
-    """Padded token counts leaving a reduction layer (the lengths the next layer computes on)."""
-
-    text: int
-    image: int
-    mixed: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.text + self.image + self.mixed
 
 
 class ReductionHandle:
@@ -44,6 +36,16 @@ class ReductionHandle:
         method: the reduction method in use.
         config: the method's config.
         reduction_layers: 0-based reducible-layer indices that reduce tokens.
+        state: the :class:`~pumer_plug.state.ForwardState` of the current (or last) forward:
+            streams, counts, per-layer scratch (``state.layer(i)``), the adapter's scratch
+            (``state.adapter``, from ``adapter.new_forward_state()``) and the method's
+            (``state.method``, set by ``method.on_forward_start(state)``). Hooks read it through
+            the handle at every call (``handle.state``), never keep it: a new one replaces it
+            at the start of each forward, in :meth:`start_forward` only.
+
+    An adapter with per-forward scratch beyond streams and per-layer dicts (e.g. a decoder
+    adapter's prefill flag and cached lengths) declares one small dataclass, returns a fresh one
+    from ``new_forward_state()`` and reads ``handle.state.adapter`` in its hooks.
     """
 
     def __init__(self, model: nn.Module, adapter: Any, method: ReductionMethod, reduction_layers: tuple[int, ...]):
@@ -52,8 +54,7 @@ class ReductionHandle:
         self.method = method
         self.config = method.config
         self.reduction_layers = reduction_layers
-        self.streams: dict[str, TokenStream] = {}
-        self._counts: dict[int, dict[str, TokenCount]] = {}
+        self.state = ForwardState(adapter=adapter.new_forward_state())
         self._hooks: list[RemovableHandle] = []
         self._attributes: list[tuple[Any, str]] = []
         self._overrides: list[tuple[Any, str, Any]] = []
@@ -64,24 +65,28 @@ class ReductionHandle:
 
     # -- results of the last forward -------------------------------------------------------
     @property
+    def streams(self) -> dict[str, TokenStream]:
+        """The token streams of the current (or last) forward, by name (``state.streams``)."""
+        return self.state.streams
+
+    @property
     def token_counts(self) -> dict[int, TokenCount]:
         """Token counts after each reduction layer in the last forward, summed over streams."""
-        out = {}
-        for layer, per_stream in sorted(self._counts.items()):
-            counts = list(per_stream.values())
-            out[layer] = TokenCount(*(sum(getattr(c, f) for c in counts) for f in ("text", "image", "mixed")))
-        return out
+        return self.state.token_counts()
 
     def record_counts(self, layer: int, stream_name: str, stream: TokenStream) -> None:
-        """Stores the padded (text, image) lengths of ``stream`` after ``layer``."""
-        count = TokenCount(stream.count(TEXT), stream.count(IMAGE), stream.count(MIXED))
-        self._counts.setdefault(layer, {})[stream_name] = count
+        """Stores the padded (text, image, mixed) lengths of ``stream`` after ``layer``."""
+        self.state.record_counts(layer, stream_name, stream)
 
-    def start_forward(self) -> None:
-        """Resets per-forward state; adapters call it where a forward pass begins."""
-        self.streams.clear()
-        self._counts.clear()
-        self.method.on_forward_start()
+    def start_forward(self) -> ForwardState:
+        """Replaces the per-forward state with a fresh one; adapters call it where a forward begins.
+
+        The only place where per-forward state is reset: the adapter's scratch comes from
+        ``adapter.new_forward_state()``, the method's from ``method.on_forward_start(state)``.
+        """
+        self.state = ForwardState(training=self.model.training, adapter=self.adapter.new_forward_state())
+        self.method.on_forward_start(self.state)
+        return self.state
 
     # -- what adapters use to attach -------------------------------------------------------
     def add_forward_pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
@@ -148,7 +153,7 @@ class ReductionHandle:
                 delattr(obj, name)
         self._hooks.clear()
         self._attributes.clear()
-        self.streams.clear()
+        self.state = ForwardState(counts=self.state.counts)  # drops the tensors; token_counts stay readable
         if _PLUGGED.get(self.model) is self:
             del _PLUGGED[self.model]
         self._removed = True
@@ -161,7 +166,7 @@ class ReductionHandle:
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "attached"
-        return f"ReductionHandle(method={self.method.name!r}, adapter={self.adapter.name!r}, config={self.config}, {state})"
+        return f"ReductionHandle(method={self.method.name!r}, adapter={self.adapter.name!r}, config={self.config.describe()!r}, {state})"
 
 
 def detect_adapter(model: nn.Module) -> str:
@@ -188,30 +193,34 @@ def apply(model: nn.Module, adapter: str = "auto", config: Any = None, method: s
     Args:
         model: a supported backbone or a model with a task head around one.
         adapter: registered adapter name (``pumer_plug.list_adapters()``) or ``"auto"``.
-        config: the method's config object, a preset name (PuMer: ``PumerConfig.list_presets()``),
-            or None for the method's default config.
+        config: the method's config object, a mapping of its fields, a preset name
+            (``<ConfigClass>.list_presets()``), or None for the method's default config.
         method: registered method name (``pumer_plug.list_methods()``).
 
     Returns:
         A :class:`ReductionHandle`; ``handle.remove()`` (or leaving ``with handle:``) restores the model.
 
     Raises:
-        ValueError: unknown adapter/method/preset, an adapter that does not fit the model, or a
-            config that does not fit the model (e.g. a reduction layer beyond its depth).
-        RuntimeError: the model already has reducers attached.
+        ValueError: unknown adapter/method/preset, an adapter that does not fit the model, a
+            method the adapter cannot serve (naming both), or a config that does not fit the
+            model (e.g. a reduction layer beyond its depth).
+        RuntimeError: the model, a module inside it or a model around it already has reducers attached.
 
     Example:
         >>> handle = pumer_plug.apply(model, adapter="vilt", config=PumerConfig.preset("vilt-vqa"))
         >>> logits = model(**batch).logits
         >>> handle.token_counts, handle.remove()
     """
-    if model in _PLUGGED:
-        raise RuntimeError(
-            f"{type(model).__name__} already has reducers attached ({_PLUGGED[model]!r}); call remove() on that handle first"
-        )
+    _check_not_plugged(model)
     method_obj = make_method(method, config)
     adapter_name = detect_adapter(model) if adapter == "auto" else adapter
     adapter_obj = ADAPTERS.get(adapter_name)(model)
+    missing = sorted(method_obj.requires - adapter_obj.capabilities)
+    if missing:
+        needs = "; ".join(CAPABILITY_NAMES.get(c, c) for c in missing)
+        raise UserError(f"{adapter_obj.name} adapter: method {method_obj.name!r} needs {needs}, which the "
+                         f"{adapter_obj.name} adapter does not provide; this pair is not supported")
+    placement(adapter_obj, method_obj)  # raises, naming both, when they share no place to reduce at
     adapter_obj.check_method(method_obj)
     layers = method_obj.reduction_layers(adapter_obj.num_layers)
     handle = ReductionHandle(model, adapter_obj, method_obj, layers)
@@ -225,14 +234,35 @@ def apply(model: nn.Module, adapter: str = "auto", config: Any = None, method: s
     return handle
 
 
+def _check_not_plugged(model: nn.Module) -> None:
+    """Raises RuntimeError when ``model``, a module inside it, or a model around it carries a handle."""
+    if model in _PLUGGED:
+        raise RuntimeError(
+            f"{type(model).__name__} already has reducers attached ({_PLUGGED[model]!r}); call remove() on that handle first"
+        )
+    for path, module in model.named_modules():
+        if module in _PLUGGED:
+            raise RuntimeError(f"{type(model).__name__} already has reducers attached lower down, on its submodule "
+                               f"'{path}' ({_PLUGGED[module]!r}); call remove() on that handle first")
+    for other, handle in list(_PLUGGED.items()):
+        for path, module in other.named_modules():
+            if module is model:
+                raise RuntimeError(f"{type(model).__name__} already has reducers attached higher up: it is '{path}' "
+                                   f"of a plugged {type(other).__name__} ({handle!r}); call remove() on that handle first")
+
+
 def make_method(method: str, config: Any = None) -> ReductionMethod:
-    """Builds a registered method from a config object, a preset name or None (defaults)."""
-    method_cls = METHODS.get(method)
-    config_cls = method_cls.config_class
+    """Builds a registered method from a config object, a mapping of its fields, a preset name or None.
+
+    Raises:
+        ValueError: unknown method or preset, or a mapping the method's config class rejects
+            (unknown or out-of-range fields, named).
+    """
+    config_cls = METHODS.get(method).config_class
     if config is None:
         config = config_cls()
     elif isinstance(config, str):
-        if not hasattr(config_cls, "preset"):
-            raise ValueError(f"method {method!r} has no presets; pass a {config_cls.__name__}")
         config = config_cls.preset(config)
-    return method_cls(config)
+    elif isinstance(config, Mapping):
+        config = config_cls.from_dict(dict(config))
+    return METHODS.get(method)(config)

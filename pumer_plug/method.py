@@ -12,21 +12,40 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from pumer_plug.config import MethodConfig
+from pumer_plug.state import ForwardState
 from pumer_plug.stream import TokenStream
+
+#: what a method can ask of an adapter (``ReductionMethod.requires`` / ``Adapter.capabilities``)
+KEYS, TEXT_SALIENCY, HIDDEN, IMAGE_SIZE = "keys", "text_saliency", "hidden", "image_size"
+#: how errors name each capability
+CAPABILITY_NAMES = {
+    KEYS: "attention keys at the reduction layers",
+    TEXT_SALIENCY: "text-saliency scores (text-to-image attention)",
+    HIDDEN: "the token features at the reduction layers",
+    IMAGE_SIZE: "input images of another size (position embeddings resampled to the new patch grid)",
+}
 
 
 class ReductionMethod:
     """Base class of token-reduction methods (PuMer, ToMe, DynamicViT, SmRes).
 
-    Subclasses set ``name`` and ``config_class`` and implement :meth:`reduce`.
+    Subclasses set ``name``, ``display_name``, ``config_class`` (a :class:`MethodConfig`) and
+    ``requires`` and implement :meth:`reduce`. Optional: :meth:`attach` (hooks or modules of its
+    own), :meth:`new_forward_state` (per-forward scratch), :meth:`modules`,
+    :meth:`training_losses`, :meth:`state_dict`/:meth:`load_state_dict`.
+
+    Per-forward scratch lives in the handle's :class:`~pumer_plug.state.ForwardState`:
+    :meth:`on_forward_start` puts a fresh :meth:`new_forward_state` into ``state.method`` and
+    :attr:`scratch` reads it back, so a method object holds no per-forward data of its own.
     """
 
     name: ClassVar[str] = ""
     #: how tables and figures name the method ("PuMer", "ToMe")
     display_name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
-    needs_keys: ClassVar[bool] = False
-    needs_text_saliency: ClassVar[bool] = False
+    config_class: ClassVar[type] = MethodConfig
+    #: what the adapter must provide (``KEYS``, ``TEXT_SALIENCY``, ``HIDDEN``, ``IMAGE_SIZE``); checked by ``apply()``
+    requires: ClassVar[frozenset[str]] = frozenset()
     #: merges tokens within a segment; heads that read one output per input text token break.
     merges_text: bool = False
     #: where the method can act; an adapter serves the methods that share one of its placements
@@ -44,6 +63,17 @@ class ReductionMethod:
                 f"method {self.name!r} takes a {self.config_class.__name__}, got {type(config).__name__}"
             )
         self.config = config
+        self._state = ForwardState(method=self.new_forward_state())  # until a forward starts
+
+    @property
+    def needs_keys(self) -> bool:
+        """The adapter must capture attention keys at the reduction layers."""
+        return KEYS in self.requires
+
+    @property
+    def needs_text_saliency(self) -> bool:
+        """The adapter must capture text-to-image attention at the reduction layers."""
+        return TEXT_SALIENCY in self.requires
 
     def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
         """The layers (0-based, below ``num_layers``) that reduce tokens.
@@ -65,7 +95,9 @@ class ReductionMethod:
         sample (called by adapters at the start of a forward; default: accepts)."""
 
     def proportional_attention(self) -> bool:
-        return bool(getattr(self.config, "proportional_attention", False))
+        """Whether later attention may need ``log(size)`` of the tokens (adapters add it only
+        where some size differs from 1, i.e. ``stream.size`` is set). Default: False."""
+        return False
 
     def reduce(self, layer: int, stream: TokenStream):
         """Reduces ``stream`` at ``layer`` and returns the plan over the whole stream."""
@@ -108,8 +140,22 @@ class ReductionMethod:
         reduction layers (e.g. SmRes resizing the input) registers its hooks here through
         ``handle.add_forward_pre_hook`` so that ``remove()`` takes them out. Default: nothing."""
 
-    def on_forward_start(self) -> None:
-        """Called once per model forward before any layer runs."""
+    def new_forward_state(self) -> Any:
+        """A fresh per-forward scratch object (a small dataclass), or None if the method needs none."""
+        return None
 
-    def on_forward_end(self) -> None:
-        """Called once per model forward after the last layer."""
+    def on_forward_start(self, state: ForwardState) -> None:
+        """Called by the handle once per model forward before any layer runs: puts a fresh
+        :meth:`new_forward_state` into ``state.method`` and binds the state for :attr:`scratch`."""
+        state.method = self.new_forward_state()
+        self._state = state
+
+    @property
+    def scratch(self) -> Any:
+        """This method's part of the current forward's state (``state.method``)."""
+        return self._state.method
+
+    @property
+    def training(self) -> bool:
+        """Whether the current forward runs in train mode (the plugged model's flag at its start)."""
+        return self._state.training

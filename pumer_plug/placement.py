@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pumer_plug.errors import UserError
+
 #: the order in which an adapter picks a placement when a method could act at several
 ORDER = ("encoder-layer", "decoder-layer", "decoder-input")
 
@@ -20,11 +22,11 @@ def placement(adapter: Any, method: Any) -> str:
     """Returns the place where ``method`` reduces tokens on ``adapter``'s backbone.
 
     Raises:
-        ValueError: naming the method, the adapter and both sets of placements when they share none.
+        UserError: naming the method, the adapter and both sets of placements when they share none.
     """
     common = set(adapter.placements) & set(method.placements)
     if not common:
-        raise ValueError(
+        raise UserError(
             f"method {method.name!r} cannot run on adapter {adapter.name!r}: the method acts at "
             f"{sorted(method.placements)}, the {adapter.name} backbone offers {sorted(adapter.placements)}"
         )

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pumer_plug.config import PumerConfig
-from pumer_plug.method import ReductionMethod
+from pumer_plug.method import KEYS, TEXT_SALIENCY, ReductionMethod
+from pumer_plug.ops.counts import add_counts, cap_merges, merge_count, prune_count
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.ops.reduce import (bipartite_soft_matching, combine_heads, drop_padding, merge_count, prune_by_score,
-                                   prune_count)
+from pumer_plug.ops.reduce import bipartite_soft_matching, combine_heads, drop_padding, prune_by_score
 from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TEXT, SegmentView, TokenStream
 
@@ -32,13 +32,15 @@ class Pumer(ReductionMethod):
     name = "pumer"
     display_name = "PuMer"
     config_class = PumerConfig
-    needs_keys = True
-    needs_text_saliency = True
+    requires = frozenset({KEYS, TEXT_SALIENCY})
     placements = frozenset({"encoder-layer", "decoder-layer"})
 
     def __init__(self, config: PumerConfig) -> None:
         super().__init__(config)
         self.merges_text = config.text_merge_ratio > 0
+
+    def proportional_attention(self) -> bool:
+        return self.config.proportional_attention
 
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         plans = []
@@ -47,7 +49,7 @@ class Pumer(ReductionMethod):
                 plans.append(self._reduce_image(layer, view))
             elif view.segment.modality == TEXT:
                 t = self.config.text_merge_ratio
-                merged = tuple(merge_count(n, t, view.segment.num_protected) for n in view.lengths)
+                merged = merge_count(view.lengths, t, view.segment.num_protected)
                 plans.append(self._merge(layer, view, view.lengths, merged))
             else:
                 raise RuntimeError(f"PuMer cannot reduce a {view.segment.modality!r} segment at layer {layer}")
@@ -55,15 +57,15 @@ class Pumer(ReductionMethod):
 
     def _reduce_image(self, layer: int, view: SegmentView) -> ReductionPlan:
         cfg, p = self.config, view.segment.num_protected
-        pruned = tuple(prune_count(n, cfg.prune_ratio, p) for n in view.lengths)  # PuMer Alg. 1 line 2
-        merged = tuple(merge_count(n, cfg.image_merge_ratio, p) for n in view.lengths)  # of |V| before pruning
+        pruned = prune_count(view.lengths, cfg.prune_ratio, p)  # PuMer Alg. 1 line 2
+        merged = merge_count(view.lengths, cfg.image_merge_ratio, p)  # of |V| before pruning
         if not any(pruned):
             return self._merge(layer, view, view.lengths, merged)
         if view.saliency is None:
             raise RuntimeError(f"PuMer: text-saliency scores were not captured at reduction layer {layer}")
         scores = combine_heads(view.saliency, cfg.saliency_heads)  # PuMer Eq. (1): (B, H, V) -> (B, V)
         prune = prune_by_score(scores, view.mask, view.protected, pruned, view.lengths)  # Alg. 1 line 3
-        kept = tuple(n - k for n, k in zip(view.lengths, pruned))
+        kept = add_counts(view.lengths, pruned, sign=-1)
         after = SegmentView(
             view.segment,
             None if view.keys is None else prune.apply(view.keys),
@@ -76,7 +78,7 @@ class Pumer(ReductionMethod):
 
     def _merge(self, layer: int, view: SegmentView, lengths: tuple[int, ...], merged: tuple[int, ...]) -> ReductionPlan:
         p = view.segment.num_protected
-        merged = tuple(min(r, (n - p) // 2) for r, n in zip(merged, lengths))  # cap after pruning
+        merged = cap_merges(merged, lengths, p)  # cap after pruning
         if any(merged) and view.keys is None:
             raise RuntimeError(f"PuMer: attention keys were not captured at reduction layer {layer}")
         if not any(merged):

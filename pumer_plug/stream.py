@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pumer_plug.ops.counts import RowCounts, add_counts, row_counts, sum_counts
 from pumer_plug.ops.plan import ReductionPlan, concat_plans
 from pumer_plug.ops.reduce import text_saliency_per_head
 
@@ -40,7 +41,7 @@ class SegmentView:
     Shapes:
         keys (B, n, C) or None, mask (B, n) bool, protected (B, n) bool, saliency (B, H, n) or None
         (text-saliency per head, combined by the method);
-        lengths: real tokens per row (host ints).
+        lengths: real tokens per row (host ints, with their device copy: ``RowCounts``).
     """
 
     segment: Segment
@@ -58,7 +59,13 @@ class TokenStream:
         mask: (B, N) bool, real tokens.
         protected: (B, N) bool, tokens never pruned or merged.
         segments: the modality runs in sequence order; their lengths sum to N.
-        lengths: real tokens per row of every segment (host ints), one tuple per segment.
+        lengths: real tokens per row of every segment, one tuple per segment: host ints, or
+            :class:`~pumer_plug.ops.counts.RowCounts` that also hold them on the device (adapters
+            pass those, from the mask sums; plain tuples are copied to the device once here).
+
+    The per-row counts stay on both sides for the whole forward: plans carry what they removed
+    (host and device), and the stream subtracts it, so methods and ops never copy counts to the
+    device.
     """
 
     def __init__(
@@ -73,7 +80,7 @@ class TokenStream:
         self.mask = mask
         self.protected = protected
         self.segments = list(segments)
-        self.lengths = [tuple(n) for n in lengths]
+        self.lengths: list[RowCounts] = [row_counts(n, mask.device) for n in lengths]
         self.size: torch.Tensor | None = None  # (B, N, 1) float32; None while every size is 1
         self.keys: torch.Tensor | None = None  # (B, N, C), captured at a reduction layer
         self.saliency: torch.Tensor | None = None  # (B, H, V) per head, over the image segment
@@ -88,9 +95,9 @@ class TokenStream:
         """Padded number of tokens of a modality in the stream."""
         return sum(s.length for s in self.segments if s.modality == modality)
 
-    def real_counts(self) -> tuple[int, ...]:
-        """Real tokens per row over all segments (host ints)."""
-        return tuple(sum(col) for col in zip(*self.lengths))
+    def real_counts(self) -> RowCounts:
+        """Real tokens per row over all segments (host ints, with their device copy)."""
+        return sum_counts(self.lengths)
 
     def sizes(self) -> torch.Tensor:
         """Token sizes (B, N, 1) float32: how many input tokens each token stands for."""
@@ -147,7 +154,8 @@ class TokenStream:
 
     def _apply(self, plan: ReductionPlan) -> None:
         if not plan.is_identity:
-            self.size = plan.apply_size(self.size)
+            if plan.merges or self.size is not None:  # keep-or-drop plans leave sizes of 1 unset
+                self.size = plan.apply_size(self.size)
             self.mask = plan.apply_mask(self.mask)
             self.protected = plan.apply_mask(self.protected)
             self.bias_cache = None
@@ -156,7 +164,6 @@ class TokenStream:
         self.hidden = None
 
 
-def _subtract(lengths: tuple[int, ...], removed: tuple[int, ...]) -> tuple[int, ...]:
-    if not removed:
-        return lengths
-    return tuple(n - r for n, r in zip(lengths, removed))
+def _subtract(lengths: RowCounts, removed: tuple[int, ...]) -> RowCounts:
+    out = add_counts(lengths, removed, sign=-1)
+    return out if isinstance(out, RowCounts) else RowCounts(out, lengths.tensor - torch.tensor(removed, device=lengths.tensor.device))

@@ -252,28 +252,27 @@ def smres_zero(num_layers: int, modalities: tuple):
 METHOD_CONFIGS["smres"] = (smres_reducing, smres_zero)
 
 
-class _AllMethodsBut(frozenset):
-    """A ``tags["methods"]`` value that admits every method except the ones it holds."""
-
-    def __contains__(self, name: object) -> bool:
-        return not super().__contains__(name)
-
-
-# SmRes needs a backbone that takes smaller images (see baselines/smres.py): the timm/open_clip
-# adapters resample position embeddings (accept_image_size); METER's CLIP tower is left out until
-# its adapter implements accept_image_size.
+# SmRes needs a backbone that takes smaller images (see baselines/smres.py): every adapter
+# declares the ``image_size`` capability (METER's CLIP trunk interpolates its position table).
 IMAGE_ONLY_METHODS.add("smres")
-BACKBONES["meter"].tags.setdefault("methods", _AllMethodsBut({"smres"}))
 
 
 # -- decoder VLMs: the llava matrix (left-padded prompts, generation, last-token logits) is in
 # tests/test_llava.py; methods that only decoders serve stay out of the encoder backbones' matrix.
 from tests.llava_backbone import DECODER_ONLY_METHODS, LLAVA_METHOD_CONFIGS, build_llava, llava_batch, split_rows  # noqa: E402
 
+
+
+class _AllMethodsBut(frozenset):
+    """Every method except the listed ones (``in`` answers for method names)."""
+
+    def __contains__(self, name: object) -> bool:
+        return not frozenset.__contains__(self, name)
+
+
 for _name in DECODER_ONLY_METHODS:
     METHOD_CONFIGS[_name] = LLAVA_METHOD_CONFIGS[_name]
 BACKBONES["llava"] = TinyBackbone("llava", build_llava, llava_batch, split_rows, lambda out: out.logits[:, -1],
                                   num_layers=3, tags={"methods": frozenset()})
-BACKBONES["meter"].tags["methods"] = _AllMethodsBut({"smres", *DECODER_ONLY_METHODS})
 for _backbone in BACKBONES.values():
     _backbone.tags.setdefault("methods", _AllMethodsBut(DECODER_ONLY_METHODS))

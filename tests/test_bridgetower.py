@@ -88,7 +88,7 @@ def test_counts_per_stream_follow_the_config(config):
                   for layer in model.bridgetower.cross_modal_image_layers]
         forward(model, batch)
         counts = handle.token_counts
-        per_stream = {layer: set(streams) for layer, streams in handle._counts.items()}
+        per_stream = {layer: set(streams) for layer, streams in handle.state.counts.items()}
         image = handle.streams["image"]
     for spy in spies:
         spy.remove()

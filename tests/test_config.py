@@ -56,3 +56,51 @@ def test_saliency_heads_is_validated_and_described():
     assert PumerConfig.preset("vilt-vqa").saliency_heads == "first"  # released ViLT VQA default
     assert "heads=first" in PumerConfig.preset("vilt-vqa").describe()
     assert "heads" not in PumerConfig.preset("vilt-ve").describe()
+
+
+# -- one base for every method's config ------------------------------------------------------------
+import json  # noqa: E402
+
+import pumer_plug  # noqa: E402
+from pumer_plug import DynamicViTConfig, MethodConfig, SmResConfig, TomeConfig  # noqa: E402
+
+ALL_CONFIGS = [PumerConfig, TomeConfig, DynamicViTConfig, SmResConfig]
+
+
+def test_every_methods_config_is_a_method_config_exported_from_the_package():
+    for name in pumer_plug.list_methods():
+        cls = pumer_plug.METHODS.get(name).config_class
+        assert issubclass(cls, MethodConfig) and getattr(pumer_plug, cls.__name__) is cls
+        assert cls.list_presets() == sorted(cls.PRESETS) and set(cls.PRESET_SOURCES) == set(cls.PRESETS)
+
+
+@pytest.mark.parametrize("config,text", [
+    (TomeConfig(r=12), "ToMe r=12"),
+    (PumerConfig((2, 5, 8), 0.1, 0.3, 0.2), "PuMer layers=2,5,8 k=0.1 r=0.3 t=0.2"),
+    (DynamicViTConfig(reduction_layers=(3, 6, 9), keep_ratio=0.7), "DynamicViT layers=3,6,9 rho=0.7"),
+    (SmResConfig(scale=0.75), "SmRes scale=0.75"),
+    (SmResConfig(image_size=(288, 480)), "SmRes image_size=288x480"),
+])
+def test_describe_is_short_and_human(config, text):
+    assert config.describe() == text
+
+
+@pytest.mark.parametrize("cls", ALL_CONFIGS)
+def test_to_dict_and_from_dict_round_trip_through_json(cls):
+    config = cls()
+    assert cls.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("cls,field,value", [
+    (PumerConfig, "prune_ratio", 1.5), (TomeConfig, "r", -2), (DynamicViTConfig, "keep_ratio", 0.0),
+    (DynamicViTConfig, "keep_ratio_weight", -1.0), (SmResConfig, "scale", 2.0), (TomeConfig, "proportional_attention", 1),
+])
+def test_from_dict_names_the_field_out_of_range(cls, field, value):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}"):
+        cls.from_dict({field: value})
+
+
+def test_presets_of_every_config_go_through_the_base():
+    assert DynamicViTConfig.preset("vilt").describe() == "DynamicViT layers=3,6,9 rho=0.7"
+    with pytest.raises(ValueError, match="unknown ToMe preset 'x'; known presets: \\(none\\)"):
+        TomeConfig.preset("x")

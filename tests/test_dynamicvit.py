@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import pumer_plug
 from pumer_plug.baselines.dynamicvit import (
@@ -19,6 +20,7 @@ from pumer_plug.baselines.dynamicvit import (
     token_distillation_loss,
 )
 from pumer_plug.ops.reduce import attention_bias
+from pumer_plug.state import ForwardState
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 from tests.backbones import BACKBONES, build_vilt, vilt_batch
 
@@ -160,7 +162,7 @@ def vl_stream(hidden_dim=16, seed=0):
 def test_eval_keeps_floor_rho_s_of_the_starting_image_tokens_per_row():
     torch.manual_seed(0)
     method = DynamicViT(DynamicViTConfig(reduction_layers=(0, 1), keep_ratio=0.7, embed_dim=16))
-    method.on_forward_start()
+    method.on_forward_start(ForwardState())
     stream = vl_stream()
     hidden = stream.hidden
     scores = method.modules()["0"](hidden[:, 4:], (stream.mask & ~stream.protected)[:, 4:, None].float())[..., 0]
@@ -181,8 +183,7 @@ def test_eval_keeps_floor_rho_s_of_the_starting_image_tokens_per_row():
 def test_train_keeps_shapes_and_writes_the_cumulative_policy_into_sizes():
     torch.manual_seed(0)
     method = DynamicViT(DynamicViTConfig(reduction_layers=(0, 1), keep_ratio=0.5, embed_dim=16))
-    method.training = True
-    method.on_forward_start()
+    method.on_forward_start(ForwardState(training=True))
     stream = vl_stream()
     stream.bias_cache = torch.zeros(1)
     plan = method.reduce(0, stream)
@@ -207,7 +208,7 @@ def test_train_keeps_shapes_and_writes_the_cumulative_policy_into_sizes():
 
 def test_keep_ratio_one_is_the_identity_and_builds_nothing():
     method = DynamicViT(DynamicViTConfig(reduction_layers=(0,), keep_ratio=1.0))
-    method.on_forward_start()
+    method.on_forward_start(ForwardState())
     stream = vl_stream()
     assert method.reduce(0, stream).is_identity and method.modules() is None
     with pytest.raises(RuntimeError, match="no train-mode keep decisions"):
@@ -220,23 +221,24 @@ def test_predictors_belong_to_the_method_and_round_trip_through_safetensors(tmp_
     keys = list(model.state_dict())
     config = DynamicViTConfig(reduction_layers=(0, 2), keep_ratio=0.5)
     with pumer_plug.apply(model, adapter="vilt", method="dynamicvit", config=config) as handle:
-        assert handle.method.modules() is None  # built at the first forward from the token width
+        assert handle.method.modules() is not None  # built by apply() at the adapter's hidden_size
         with torch.no_grad():
             ref = model(**batch).logits
         predictors = handle.method.modules()
         assert set(predictors) == {"0", "2"} and predictors["0"].in_conv[1].in_features == 64
         assert list(model.state_dict()) == keys
         assert not any(p is q for p in model.parameters() for q in predictors.parameters())
-        handle.method.save_predictors(tmp_path / "pred.safetensors")
+        save_file(handle.method.state_dict(), str(tmp_path / "pred.safetensors"))
+    saved = load_file(str(tmp_path / "pred.safetensors"))
     with pumer_plug.apply(model, adapter="vilt", method="dynamicvit", config=config) as handle:
-        handle.method.load_predictors(tmp_path / "pred.safetensors")
+        handle.method.load_state_dict(saved)
         with torch.no_grad():
             torch.testing.assert_close(model(**batch).logits, ref, atol=0, rtol=0)
     other = DynamicViT(dataclasses.replace(config, reduction_layers=(0, 1)))
     with pytest.raises(ValueError, match="reduction_layers"):
-        other.load_predictors(tmp_path / "pred.safetensors")
+        other.load_state_dict(saved)
     with pytest.raises(ValueError, match="width"):
-        DynamicViT(dataclasses.replace(config, embed_dim=32)).load_predictors(tmp_path / "pred.safetensors")
+        DynamicViT(dataclasses.replace(config, embed_dim=32)).load_state_dict(saved)
     with pytest.raises(ValueError, match="embed_dim"):
         with pumer_plug.apply(model, adapter="vilt", method="dynamicvit", config=dataclasses.replace(config, embed_dim=32)):
             model(**batch)

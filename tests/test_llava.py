@@ -240,8 +240,9 @@ def test_llava_model_without_lm_head(model):
 @pytest.mark.parametrize("method,adapter", [("pool", "vilt"), ("fastv", "vilt"), ("tome", "llava"), ("smres", "llava")])
 def test_pairs_without_a_common_placement_fail_at_apply(method, adapter):
     model = BACKBONES[adapter].build()
-    with pytest.raises(ValueError, match=f"method '{method}' cannot run on adapter '{adapter}'"):
+    with pytest.raises(ValueError, match=f"method '{method}'") as err:
         pumer_plug.apply(model, adapter=adapter, method=method)
+    assert adapter in str(err.value)  # names both
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 

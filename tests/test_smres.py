@@ -153,6 +153,7 @@ def test_errors_name_what_is_missing():
         def forward(self, input_ids):
             return input_ids
 
-    handle = SimpleNamespace(model=TextOnly(), adapter=None, add_forward_pre_hook=None)
+    text_only = TextOnly()
+    handle = SimpleNamespace(model=text_only, adapter=SimpleNamespace(image_module=text_only), add_forward_pre_hook=None)
     with pytest.raises(ValueError, match="TextOnly.forward.*no image argument"):
         SmRes(SmResConfig()).attach(handle)

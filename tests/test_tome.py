@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pumer_plug
+from pumer_plug.state import ForwardState
 from pumer_plug.baselines.tome import Tome, TomeConfig, merge_cap
 from pumer_plug.stream import IMAGE, MIXED, TEXT, Segment, TokenStream
 from tests.backbones import BACKBONES
@@ -106,7 +107,7 @@ def image_stream(B=2, N=9, C=8, seed=0):
 def test_reduce_caps_r_and_reports_the_effective_r():
     method = Tome(TomeConfig(r=[3, 10]))
     assert method.reduction_layers(2) == (0, 1)
-    method.on_forward_start()
+    method.on_forward_start(ForwardState())
     stream = image_stream(N=9)
     plan = method.reduce(0, stream)
     assert plan.num_out == 6 and stream.segments == [Segment(IMAGE, 6, 1)]
@@ -115,7 +116,7 @@ def test_reduce_caps_r_and_reports_the_effective_r():
     assert method.effective_r == {0: [(3, 3)], 1: [(2, 2)]}
     assert stream.real_counts() == (4, 4) and stream.sizes().sum(dim=1).flatten().tolist() == [9.0, 9.0]
     assert stream.protected[:, 0].all() and stream.sizes()[:, 0].eq(1).all()  # CLS never merges
-    method.on_forward_start()
+    method.on_forward_start(ForwardState())
     assert method.effective_r == {}
 
 
@@ -129,11 +130,14 @@ def test_reduce_without_keys_raises():
 
 
 def test_text_and_image_tokens_merge_with_each_other():
-    """[text CLS, t1, t2, pad | image CLS, v1, v2, v3]: t2 and v1 have equal keys, so they merge first."""
+    """[text CLS, t1, t2, pad | image CLS, v1, v2, v3]: t1 and v1 have equal keys, so they merge first.
+
+    ToMe's split by position over the real tokens: A = tCLS, t2, v1, v3 (even), B = t1, vCLS, v2
+    (odd); the two CLS take no edge. Output: protected, unmerged A, then B."""
     T, V, C = 4, 4, 6
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(1, T + V, C, generator=g)
-    keys[0, 2] = keys[0, 5]  # t2 ~ v1 (order: mergeable t1 -> A, t2 -> B, v1 -> A, v2 -> B, ...)
+    keys[0, 1] = keys[0, 5]  # t1 (position 1, B) ~ v1 (position 4, A)
     mask = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
     protected = torch.zeros_like(mask)
     protected[0, [0, T]] = True
@@ -143,7 +147,8 @@ def test_text_and_image_tokens_merge_with_each_other():
     method.reduction_layers(1)
     plan = method.reduce(0, stream)
     assert stream.segments == [Segment(MIXED, 6, 2)] and stream.lengths == [(6,)]
-    assert plan.dest[0].tolist() == [0, 1, 2, 6, 3, 2, 4, 5]  # v1 joins t2; the text pad is dropped
+    # [tCLS, vCLS | t2, v3 | t1 (+ v1), v2]: v1 joins t1; the text pad is dropped
+    assert plan.dest[0].tolist() == [0, 4, 2, 6, 1, 4, 5, 3]
     assert method.merges_text and not Tome(TomeConfig(r=0)).merges_text
 
 

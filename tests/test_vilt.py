@@ -121,8 +121,8 @@ def test_adapter_errors_name_the_problem():
         pumer_plug.apply(build_vilt(), method="nope")
     with pytest.raises(ValueError, match="unknown PuMer preset 'nope'; known presets: .*vilt-vqa"):
         pumer_plug.apply(build_vilt(), config="nope")
-    with pytest.raises(TypeError, match="takes a PumerConfig"):
-        pumer_plug.apply(build_vilt(), config={"prune_ratio": 0.1})
+    with pytest.raises(TypeError, match="takes a PumerConfig"):  # a mapping is accepted since issue 17
+        pumer_plug.apply(build_vilt(), config=pumer_plug.TomeConfig())
 
 
 def test_missing_attention_probabilities_raise_instead_of_running_unreduced():

@@ -102,6 +102,10 @@ class ClipTransformer(nn.Module):
 class ClipVisualTransformer(nn.Module):
     """CLIP ViT trunk as METER uses it: all tokens after ``ln_post``, no projection.
 
+    Images of another size than the model's (e.g. the SmRes baseline) get the position table
+    interpolated to their (H / P, W / P) patch grid, bicubic as METER's ``adapt_position_encoding``;
+    at the model's size the table is used as stored.
+
     Shapes:
         pixel_values (B, 3, H, W) -> (B, 1 + (H / P) * (W / P), width); token 0 is the image CLS.
     """
@@ -119,10 +123,11 @@ class ClipVisualTransformer(nn.Module):
         self.ln_post = ClipLayerNorm(width)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(pixel_values.to(self.conv1.weight.dtype))  # (B, C, G, G)
+        x = self.conv1(pixel_values.to(self.conv1.weight.dtype))  # (B, C, Gh, Gw)
+        pos = interpolate_positional_embedding(self.positional_embedding, tuple(x.shape[-2:]))  # (V, C)
         x = x.flatten(2).transpose(1, 2)  # (B, V - 1, C)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, V, C)
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)  # (B, V, C)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x)
 
@@ -166,22 +171,25 @@ class ClipVisionTower(nn.Module):
         return self.visual(pixel_values)
 
 
-def interpolate_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """Returns CLIP's positional embedding resized to a ``grid`` x ``grid`` patch grid.
+def interpolate_positional_embedding(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+    """Returns CLIP's positional embedding resized to a ``grid`` x ``grid`` (or (h, w)) patch grid.
 
     Bicubic interpolation of the patch part; the CLS row is kept as is (METER's
-    ``clip_model.adapt_position_encoding``).
+    ``clip_model.adapt_position_encoding``). The stored grid returns ``pos`` itself.
 
     Shapes:
-        pos (1 + G0 * G0, C) -> (1 + grid * grid, C)
+        pos (1 + G0 * G0, C) -> (1 + h * w, C)
     """
+    h, w = (grid, grid) if isinstance(grid, int) else grid
     grid_before = int(round(math.sqrt(pos.shape[0] - 1)))
     if grid_before * grid_before + 1 != pos.shape[0]:
         raise ValueError(f"positional_embedding of {pos.shape[0]} rows is not 1 + a square grid")
+    if (h, w) == (grid_before, grid_before):
+        return pos
     channels = pos.shape[1]
     patches = pos[1:].float().reshape(grid_before, grid_before, channels).permute(2, 0, 1)  # (C, G0, G0)
-    patches = F.interpolate(patches[None], size=(grid, grid), mode="bicubic")[0]  # (C, G, G)
-    patches = patches.permute(1, 2, 0).reshape(grid * grid, channels).to(pos.dtype)  # (G * G, C)
+    patches = F.interpolate(patches[None], size=(h, w), mode="bicubic")[0]  # (C, h, w)
+    patches = patches.permute(1, 2, 0).reshape(h * w, channels).to(pos.dtype)  # (h * w, C)
     return torch.cat([pos[:1], patches], dim=0)
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pumer_plug.ops.counts import add_counts
+
 
 @dataclass(frozen=True)
 class ReductionPlan:
@@ -20,12 +22,16 @@ class ReductionPlan:
         dest: (B, N) int64, values in [0, num_out]; ``num_out`` means "discard". ``None`` is the
             identity plan (nothing reduced), which every ``apply_*`` returns unchanged.
         num_out: number of output tokens per row (the padded length after reduction).
-        removed: (B,) host tuple, real tokens removed per row (for reporting), or empty.
+        removed: (B,) real tokens removed per row (host ints; a
+            :class:`~pumer_plug.ops.counts.RowCounts` also carries them on the device), or empty for none.
+        merges: whether two real tokens may share a slot; False for plans that only keep or drop
+            tokens (pruning, padding compaction), which leave every token size as it was.
     """
 
     dest: torch.Tensor | None
     num_out: int
     removed: tuple[int, ...] = ()
+    merges: bool = True
 
     @classmethod
     def identity(cls, num_tokens: int) -> "ReductionPlan":
@@ -84,8 +90,8 @@ class ReductionPlan:
         trash = torch.full_like(later.dest[:, :1], later.num_out)
         later_ext = torch.cat([later.dest, trash], dim=1)  # (B, num_mid + 1)
         dest = later_ext.gather(1, self.dest)  # (B, N)
-        removed = _add_counts(self.removed, later.removed)
-        return ReductionPlan(dest=dest, num_out=later.num_out, removed=removed)
+        removed = add_counts(self.removed, later.removed)
+        return ReductionPlan(dest=dest, num_out=later.num_out, removed=removed, merges=self.merges or later.merges)
 
     def _scatter_sizes(self, size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         B, N = self.dest.shape
@@ -116,16 +122,9 @@ def concat_plans(plans: list[ReductionPlan], lengths: list[int]) -> ReductionPla
             dest = torch.arange(n, device=device).expand(batch, n)
         pieces.append(torch.where(dest < plan.num_out, dest + offset, torch.full_like(dest, total_out)))
         offset += plan.num_out
-        removed = _add_counts(removed, plan.removed)
-    return ReductionPlan(dest=torch.cat(pieces, dim=1), num_out=total_out, removed=removed)
-
-
-def _add_counts(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    if not a:
-        return b
-    if not b:
-        return a
-    return tuple(x + y for x, y in zip(a, b))
+        removed = add_counts(removed, plan.removed)
+    merges = any(p.merges for p in plans if p.dest is not None)
+    return ReductionPlan(dest=torch.cat(pieces, dim=1), num_out=total_out, removed=removed, merges=merges)
 
 
 def compact_plan(keep: torch.Tensor, num_out: int, removed: tuple[int, ...] = ()) -> ReductionPlan:
@@ -136,4 +135,4 @@ def compact_plan(keep: torch.Tensor, num_out: int, removed: tuple[int, ...] = ()
     """
     slot = keep.to(torch.int64).cumsum(dim=1) - 1  # (B, N)
     dest = torch.where(keep, slot, torch.full_like(slot, num_out))
-    return ReductionPlan(dest=dest, num_out=num_out, removed=removed)
+    return ReductionPlan(dest=dest, num_out=num_out, removed=removed, merges=False)

@@ -2,8 +2,10 @@
 
 Symbols: B batch, T text tokens, V image tokens, N tokens of a segment, C channels, H heads,
 r tokens removed. Protected tokens (CLS, image CLS, distillation token) are an explicit (B, N) bool
-argument and are never pruned or merged. Per-row counts are host integers, so a batch with mixed lengths reduces each row exactly as it
-would be reduced alone.
+argument and are never pruned or merged. Per-row counts are host integers, so a batch with mixed
+lengths reduces each row exactly as it would be reduced alone; given as
+:class:`~pumer_plug.ops.counts.RowCounts` they also carry their device copy, and the ops make no
+host-to-device copy (plain tuples are copied once per op).
 """
 from __future__ import annotations
 
@@ -12,27 +14,8 @@ from typing import Sequence
 
 import torch
 
+from pumer_plug.ops.counts import add_counts, counts_on_device, merge_count, prune_count  # noqa: F401 (re-exported)
 from pumer_plug.ops.plan import ReductionPlan, compact_plan
-
-
-def prune_count(num_tokens: int, prune_ratio: float, num_protected: int) -> int:
-    """Image tokens pruned from a row with ``num_tokens`` real tokens (PuMer Alg. 1 line 2).
-
-    ``k' = (1 - k)|V|`` tokens are kept; protected tokens are always kept, so at most
-    ``num_tokens - num_protected`` tokens are pruned. Rounds as the released code does, with
-    Python's ``round()`` (half to even): 0.1 x 145 = 14.5 -> 14.
-    """
-    return max(0, min(round(prune_ratio * num_tokens), num_tokens - num_protected))
-
-
-def merge_count(num_tokens: int, merge_ratio: float, num_protected: int) -> int:
-    """Tokens removed by merging in a row with ``num_tokens`` real tokens (PuMer Alg. 1 line 8).
-
-    ``r' = r|X|``, capped, as in ToMe, at half of the mergeable tokens: bipartite matching can
-    remove at most one token per edge and each side holds half of them. Rounds half to even,
-    as the released code does (``round(merge_ratio * length)``).
-    """
-    return max(0, min(round(merge_ratio * num_tokens), (num_tokens - num_protected) // 2))
 
 
 SALIENCY_HEADS = ("sum", "first")
@@ -103,12 +86,12 @@ def prune_by_score(
     with torch.no_grad():
         if not any(num_pruned):
             return drop_padding(mask, lengths)
-        keep_counts = [n - p for n, p in zip(lengths, num_pruned)]
+        keep_counts = add_counts(lengths, num_pruned, sign=-1)
         s = scores.float().masked_fill(~mask, -math.inf)  # (B, N)
         s = s.masked_fill(protected & mask, math.inf)
         rank = _rank_descending(s)  # (B, N)
-        keep_t = torch.tensor(keep_counts, device=scores.device).unsqueeze(1)  # (B, 1)
-        return compact_plan(rank < keep_t, max(keep_counts), removed=tuple(num_pruned))
+        keep_t = counts_on_device(keep_counts, scores.device).unsqueeze(1)  # (B, 1)
+        return compact_plan(rank < keep_t, max(keep_counts), removed=_as_counts(num_pruned))
 
 
 def bipartite_soft_matching(
@@ -117,15 +100,24 @@ def bipartite_soft_matching(
     protected: torch.Tensor,
     num_merged: Sequence[int],
     lengths: Sequence[int],
+    split: str = "mergeable",
 ) -> ReductionPlan:
     """Merge plan from bipartite soft matching on attention keys (ToMe Sec. 3; PuMer Alg. 1 l. 5-10).
 
-    The mergeable tokens of a row (real and not protected) alternate, in order, between set A and
-    set B; every A token draws an edge to its most similar B token (cosine similarity of keys),
-    and the ``r`` most similar edges of the row are merged: the A token joins its B token.
-    Padding and protected tokens take no edge, so a real token is never merged with padding.
-    Surviving tokens keep their relative order (a merged pair sits at the B token's place) and
-    come first, padding after them.
+    Tokens are split into sets A and B; every A token draws an edge to its most similar B token
+    (cosine similarity of keys), and the ``r`` most similar edges of the row are merged: the A
+    token joins its B token. Padding and protected tokens take no edge, so a real token is never
+    merged with padding. Two splits (``SPLITS``):
+
+    - ``"mergeable"`` (PuMer here): the mergeable tokens of a row (real, not protected)
+      alternate, in order, between A and B, so the split does not depend on where protected
+      tokens sit. Survivors keep their relative order (a merged pair sits at the B token's place).
+    - ``"position"`` (ToMe's ``tome.merge.bipartite_soft_matching``, to the letter): A = even, B =
+      odd positions among the row's real tokens; protected tokens take no edge (ToMe's ``-inf``
+      row of the class token, column of the distillation token). Output as ToMe's
+      ``cat([unm, dst])``: protected tokens, then A's unmerged tokens, then B's, each in order.
+
+    Survivors come first, padding after them.
 
     Args:
         keys: (B, N, C) attention keys (heads flattened into C).
@@ -134,52 +126,77 @@ def bipartite_soft_matching(
         num_merged: tokens removed per row (host ints, see :func:`merge_count`); must not exceed
             half of the row's mergeable tokens.
         lengths: real tokens per row (host ints).
+        split: ``"mergeable"`` or ``"position"``.
 
     Shapes:
         keys (B, N, C) -> plan with num_out = max_i(lengths_i - num_merged_i)
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     with torch.no_grad():
         if not any(num_merged):
             return drop_padding(mask, lengths)
-        B, N, _ = keys.shape
         mergeable = mask & ~protected  # (B, N)
-        order = (mergeable.to(torch.int64).cumsum(dim=1) - 1) % 2  # (B, N) 0 -> A, 1 -> B
-        is_a, is_b = mergeable & (order == 0), mergeable & (order == 1)
-        pos_a, ok_a = _gather_positions(is_a)  # (B, N_a)
-        pos_b, ok_b = _gather_positions(is_b)  # (B, N_b)
-        k = keys.float()
-        k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        k_a = k.gather(1, pos_a.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_a, C)
-        k_b = k.gather(1, pos_b.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_b, C)
-        scores = k_a @ k_b.transpose(1, 2)  # (B, N_a, N_b)
-        scores = scores.masked_fill(~(ok_a[:, :, None] & ok_b[:, None, :]), -math.inf)
-        node_max, node_idx = scores.max(dim=-1)  # (B, N_a)
-        r_t = torch.tensor(num_merged, device=keys.device).unsqueeze(1)  # (B, 1)
-        merged_a = (_rank_descending(node_max) < r_t) & ok_a  # (B, N_a)
-
+        counted = mergeable if split == "mergeable" else mask  # what the alternation runs over
+        odd = (counted.to(torch.int64).cumsum(dim=1) - 1) % 2 == 1  # (B, N); ToMe: x[::2] -> A, x[1::2] -> B
+        is_a, is_b = mergeable & ~odd, mergeable & odd
+        merged_a, pos_a, pos_b, node_idx = _best_edges(keys, is_a, is_b, num_merged)
         merged = torch.zeros_like(mask).scatter_(1, pos_a, merged_a)  # (B, N)
         survive = mask & ~merged
-        slot = survive.to(torch.int64).cumsum(dim=1) - 1  # (B, N)
+        if split == "mergeable":
+            slot = survive.to(torch.int64).cumsum(dim=1) - 1  # (B, N) survivors keep their order
+        else:
+            N = mask.shape[1]
+            pos = torch.arange(N, device=mask.device)
+            group = torch.where(protected, 0, torch.where(is_b, 2, 1))  # protected, unmerged A, B
+            order = torch.where(survive, group * N + pos, 3 * N + pos)  # (B, N) survivors first
+            slot = order.argsort(dim=1).argsort(dim=1)  # (B, N) output slot of every survivor
         num_out = max(n - r for n, r in zip(lengths, num_merged))
-        dest = torch.where(survive, slot, torch.full_like(slot, num_out))
+        dest = torch.where(survive, slot, torch.full_like(slot, num_out))  # (B, N)
         match_slot = slot.gather(1, pos_b.gather(1, node_idx))  # (B, N_a) slot of each A's match
-        dest_a = torch.where(merged_a, match_slot, dest.gather(1, pos_a))
-        dest = dest.scatter(1, pos_a, dest_a)
-        return ReductionPlan(dest=dest, num_out=num_out, removed=tuple(num_merged))
+        dest = dest.scatter(1, pos_a, torch.where(merged_a, match_slot, dest.gather(1, pos_a)))
+        return ReductionPlan(dest=dest, num_out=num_out, removed=_as_counts(num_merged))
+
+
+SPLITS = ("mergeable", "position")
+
+
+def _best_edges(keys: torch.Tensor, is_a: torch.Tensor, is_b: torch.Tensor, num_merged: Sequence[int]):
+    """The ``r`` most similar A -> B edges of every row (cosine similarity of keys).
+
+    Shapes:
+        keys (B, N, C), is_a (B, N), is_b (B, N) -> merged_a (B, N_a) bool, pos_a (B, N_a),
+        pos_b (B, N_b), node_idx (B, N_a) index into pos_b of each A token's best B token
+    """
+    pos_a, ok_a = _gather_positions(is_a)  # (B, N_a)
+    pos_b, ok_b = _gather_positions(is_b)  # (B, N_b)
+    k = keys.float()
+    k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k_a = k.gather(1, pos_a.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_a, C)
+    k_b = k.gather(1, pos_b.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_b, C)
+    scores = k_a @ k_b.transpose(1, 2)  # (B, N_a, N_b)
+    scores = scores.masked_fill(~(ok_a[:, :, None] & ok_b[:, None, :]), -math.inf)
+    node_max, node_idx = scores.max(dim=-1)  # (B, N_a)
+    r_t = counts_on_device(num_merged, keys.device).unsqueeze(1)  # (B, 1)
+    merged_a = (_rank_descending(node_max) < r_t) & ok_a  # (B, N_a)
+    return merged_a, pos_a, pos_b, node_idx
 
 
 def attention_bias(
-    mask: torch.Tensor, size: torch.Tensor | None, dtype: torch.dtype, proportional: bool
+    mask: torch.Tensor, size: torch.Tensor | None, dtype: torch.dtype, proportional: bool,
+    masked_value: float | None = None,
 ) -> torch.Tensor:
-    """Additive attention bias over keys: padding masked out, plus ``log(size)`` if proportional.
+    """Additive attention bias over keys: padding masked out (``masked_value``, default the
+    dtype's minimum), plus ``log(size)`` if proportional and sizes are set.
 
     Proportional attention (ToMe Sec. 3) lets a merged token of size s count as s tokens.
 
     Shapes:
         mask (B, N) bool, size (B, N, 1) -> (B, 1, 1, N)
     """
+    fill = torch.finfo(dtype).min if masked_value is None else masked_value
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    bias = bias.masked_fill(~mask, torch.finfo(dtype).min)
+    bias = bias.masked_fill(~mask, fill)
     if proportional and size is not None:
         bias = bias + size[..., 0].log().to(dtype)
     return bias[:, None, None, :]
@@ -220,4 +237,8 @@ def drop_padding(mask: torch.Tensor, lengths: Sequence[int]) -> ReductionPlan:
     num_out = max(lengths)
     if num_out == mask.shape[1]:
         return ReductionPlan.identity(mask.shape[1])
-    return compact_plan(mask, num_out, removed=tuple(0 for _ in lengths))
+    return compact_plan(mask, num_out)
+
+
+def _as_counts(counts: Sequence[int]) -> tuple[int, ...]:
+    return counts if isinstance(counts, tuple) else tuple(counts)

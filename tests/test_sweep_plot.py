@@ -165,3 +165,8 @@ def test_our_warnings_print_as_one_line_during_a_command(capsys, monkeypatch):
         assert cli.main(["list"]) == 0
     assert capsys.readouterr().err == "pumer-plug: cache is unusable (reason); retraining\n"
     assert warnings.showwarning is before
+
+
+def test_default_labels_name_the_method_once():
+    grid = parse_grid({"points": [{"method": "tome", "vary": {"r": [12]}}, {"method": "pumer", "base": "vilt-ve"}]}, "test")
+    assert [p.label for p in grid.points] == ["ToMe r=12", "PuMer layers=2,4,6,8 k=0.1 r=0.3 t=0.2"]

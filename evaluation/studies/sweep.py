@@ -22,7 +22,7 @@ Grid file (YAML or JSON)::
           image_merge_ratio: [0.2, 0.3]
         configs:                  # optional: explicit settings; each may also set label/group/series/finetune
           - {text_merge_ratio: 0.1, label: "t=0.1"}
-        label: PuMer              # optional: row name in tables (default: series + the config's describe())
+        label: PuMer              # optional: row name in tables (default: series + the config's summary())
         series: PuMer             # optional: line in the plot (default: the method's display name)
         group: ratios             # optional: "choice" column of the Table-4 layout
         finetune: {distill: false}  # optional: FinetuneConfig overrides, used with --finetune
@@ -189,7 +189,7 @@ def _expand_block(block: Any, where: str) -> list[SweepPoint]:
         config = load_config(method, {**base, **fields, **dict(zip(vary, combo))})
         meta = {k: entry.get(k, block.get(k)) for k in ENTRY_KEYS}
         series = str(meta["series"] or METHODS.get(method).display_name)
-        label = str(meta["label"] or f"{series} {config.describe()}")
+        label = str(meta["label"] or f"{series} {config.summary()}".strip())
         group = None if meta["group"] is None else str(meta["group"])
         points.append(SweepPoint(method, config, label, series, group, _finetune_overrides(meta["finetune"])))
     return points

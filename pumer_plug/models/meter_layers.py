@@ -40,10 +40,13 @@ def extend_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 class ClipLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back (CLIP's fp16-safe LayerNorm)."""
+    """LayerNorm computed in float32 and cast back (CLIP's fp16-safe LayerNorm); the affine
+    parameters are cast to float32 too, so a model cast to fp16/bf16 runs on every device."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):

@@ -80,9 +80,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         setup.config = load_config(args.method, args.config)
     elif args.method != "pumer":
         setup.config = load_config(args.method, None)
-    result = run_bench(setup, method=args.method, rounds=args.rounds, device=args.device, dtype=args.dtype)
+    result = run_bench(setup, method=args.method, rounds=args.rounds, device=args.device, dtype=args.dtype,
+                       train_memory=args.train_memory)
     keys = ("benchmark", "config", "device", "dtype", "dense_throughput_per_s", "reduced_throughput_per_s", "throughput_increase",
             "dense_gflops_per_example", "reduced_gflops_per_example", "flops_ratio", "reducer_time_share")
+    if args.train_memory:
+        keys += ("dense_peak_memory_mib", "reduced_peak_memory_mib", "memory_reduction", "dense_train_peak_memory_mib",
+                 "reduced_train_peak_memory_mib", "train_memory_reduction")
     for key in keys:
         value = result[key]
         print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")

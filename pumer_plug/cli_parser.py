@@ -103,6 +103,8 @@ def _bench_parser(sub: Any, run: Command) -> None:
     p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds; median reported (default: 5)")
     p.add_argument("--output", default=None, help="append the result as a JSON line to this file")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="model and input dtype (default: float32)")
+    p.add_argument("--train-memory", action="store_true",
+                   help="also measure peak memory of inference and of one training step, dense and plugged")
     _add_common(p)
     p.set_defaults(func=run)
 

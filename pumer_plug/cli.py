@@ -97,6 +97,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from pumer_plug.evaluation.studies.gpu_check import markdown_table, run_gpu_check
+
+    records = run_gpu_check(args.output, models=[m for m in args.models.split(",") if m], dtype=args.dtype,
+                            rounds=args.rounds, max_batch_size=args.max_batch_size,
+                            train_batch_size=args.train_batch_size, tests=not args.skip_tests, device=args.device)
+    print(markdown_table(records))
+    print(f"written: {Path(args.output) / 'gpu-check.jsonl'} and {Path(args.output) / 'gpu-check.md'}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -226,7 +237,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {"compare": cmd_compare, "bench": cmd_bench, "train": cmd_train, "finetune": cmd_finetune,
-                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list}
+                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list, "gpu-check": cmd_gpu_check}
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     if args.num_threads:

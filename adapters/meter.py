@@ -107,6 +107,7 @@ class MeterAdapter(CoAttentionAdapter):
         for i in range(self.num_layers):
             prefix = f"cross_modal_text_layers.{i}"
             for path, kind in (("attention.self.key", nn.Linear), ("crossattention.self.key", nn.Linear),
+                               ("crossattention.self.query", nn.Linear),
                                ("crossattention.self.dropout", nn.Dropout), ("intermediate", CrossIntermediate),
                                ("output", CrossSelfOutput)):
                 get_submodule(model, f"{prefix}.{path}", kind, self.name)

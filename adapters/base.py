@@ -17,6 +17,7 @@ from pumer_plug.errors import UserError
 from pumer_plug.method import HIDDEN, KEYS, TEXT_SALIENCY, ReductionMethod
 from pumer_plug.ops.counts import RowCounts
 from pumer_plug.ops.reduce import attention_bias
+from pumer_plug.ops.saliency import text_saliency_from_qk
 from pumer_plug.stream import TEXT, TokenStream
 
 
@@ -165,6 +166,46 @@ def saliency_catcher(handle: Any, probs_of: Callable[[Any], torch.Tensor | None]
     if output:
         return lambda module, args, out: store(out)
     return lambda module, args: store(args)
+
+
+def qk_saliency_catcher(handle: Any, layer: int, num_heads: int, bias_of: Callable[[tuple], torch.Tensor | None],
+                        text: str = "text", image: str = "image") -> tuple[Callable, Callable, Callable]:
+    """Hooks computing PuMer Eq. (1) per head from queries and keys, for attention that runs fused
+    (SDPA) and returns no probabilities (:func:`~pumer_plug.ops.saliency.text_saliency_from_qk`).
+
+    Returns three hooks: forward hooks for the query and the key projection (they keep their
+    outputs in ``handle.state.layer(layer)``), and a forward hook for the attention module itself,
+    which reads the additive key bias the module was called with (``bias_of(args)``, so the rows
+    are normalised over the same keys with the same mask and ``log(size)`` as the model's) and
+    stores the scores in stream ``image``. With ``text == image`` the stream is one
+    ``[text | image]`` sequence: the text rows of the queries and the image columns are sliced out.
+
+    Shapes:
+        query out (B, Tq, C), key out (B, Nk, C), bias (B, 1, 1, Nk) -> stream ``image``'s saliency (B, H, V)
+    """
+    def catcher(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            handle.state.layer(layer)[name] = out
+
+        return hook
+
+    def compute(module: nn.Module, args: tuple, out: Any) -> None:
+        scratch = handle.state.layer(layer)
+        q, k = scratch.pop("saliency_q", None), scratch.pop("saliency_k", None)
+        if q is None or k is None:
+            raise RuntimeError(f"{handle.adapter.name} adapter: layer {layer}'s query/key projections did not run "
+                               "inside its attention module")
+        streams = handle.streams
+        if text != image:
+            streams[image].saliency = text_saliency_from_qk(q, k, streams[text].mask, num_heads, slice(None), bias_of(args))
+            return
+        stream = streams[text]
+        if stream.segments[0].modality != TEXT or len(stream.segments) < 2:
+            return  # the stream no longer has a text segment first (a method merged across modalities)
+        T = stream.segments[0].length
+        stream.saliency = text_saliency_from_qk(q[:, :T], k, stream.mask[:, :T], num_heads, slice(T, None), bias_of(args))
+
+    return catcher("saliency_q"), catcher("saliency_k"), compute
 
 
 def stream_bias(handle: Any, stream: TokenStream, dtype: torch.dtype, masked_value: float | None = None) -> torch.Tensor:

@@ -26,8 +26,11 @@ same block then runs entirely on the reduced image tokens. Hook points of block 
 - keys (mean over heads, ``TokenStream.set_keys``, PuMer's ``key_layer.mean(1)``):
   ``text_layer.attention.self.key`` (text) and ``text_layer.crossattention.self.key`` (the image
   tokens projected by the text layer's cross-attention; PuMer's image merging metric);
-- text-saliency (PuMer Eq. 1): the input of ``text_layer.crossattention.self.dropout``, the
-  probabilities (B, H, T, V) of text queries over image keys, averaged over real text tokens;
+- text-saliency (PuMer Eq. 1): under ``attn_implementation="eager"`` the input of
+  ``text_layer.crossattention.self.dropout``, the probabilities (B, H, T, V) of text queries over
+  image keys, averaged over real text tokens; under ``"sdpa"`` (the default) the same rows
+  recomputed from the outputs of ``crossattention.self.query`` / ``.key`` and the mask the module
+  gets (``qk_saliency_catcher``);
 - reduction point: input of ``text_layer.intermediate``. The method reduces the text stream (the
   plan is applied to the hidden state and to the FFN residual, ``output``'s ``input_tensor``) and
   the image stream (the plan is applied to ``y``, the block's image input);
@@ -59,7 +62,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pumer_plug.adapters.base import AdapterError, get_submodule, real_lengths, saliency_catcher, stream_bias
+from pumer_plug.adapters.base import (AdapterError, get_submodule, qk_saliency_catcher, real_lengths, saliency_catcher,
+                                      stream_bias)
 from pumer_plug.adapters.coattention import STREAMS, CoAttentionAdapter
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.models.meter import MeterModel
@@ -103,13 +107,23 @@ class MeterAdapter(CoAttentionAdapter):
         for i in range(self.num_layers):
             prefix = f"cross_modal_text_layers.{i}"
             for path, kind in (("attention.self.key", nn.Linear), ("crossattention.self.key", nn.Linear),
+                               ("crossattention.self.query", nn.Linear),
                                ("crossattention.self.dropout", nn.Dropout), ("intermediate", CrossIntermediate),
                                ("output", CrossSelfOutput)):
                 get_submodule(model, f"{prefix}.{path}", kind, self.name)
 
     def catch_saliency(self, handle: Any, text_layer: nn.Module, i: int) -> None:
-        where = f"cross_modal_text_layers.{i}.crossattention.self"  # probabilities (B, H, T, V): its dropout's input
-        handle.add_forward_pre_hook(text_layer.crossattention.self.dropout, saliency_catcher(handle, lambda a: a[0], where))
+        attention = text_layer.crossattention.self
+        if attention.attn_implementation == "eager":
+            where = f"cross_modal_text_layers.{i}.crossattention.self"  # probabilities (B, H, T, V): its dropout's input
+            handle.add_forward_pre_hook(attention.dropout, saliency_catcher(handle, lambda a: a[0], where))
+            return
+        # SDPA: the text rows recomputed from the hooked queries (text) and keys (image), with the
+        # additive image mask the module gets (its second argument)
+        on_q, on_k, compute = qk_saliency_catcher(handle, i, attention.num_attention_heads, lambda args: args[1])
+        handle.add_forward_hook(attention.query, on_q)
+        handle.add_forward_hook(attention.key, on_k)
+        handle.add_forward_hook(attention, compute)
 
     def accept_image_size(self, handle: Any) -> None:
         """Nothing to do: METER's CLIP trunk interpolates its position table to every patch grid."""

@@ -7,7 +7,7 @@ Example:
     >>> handle.remove()         # the model is exactly as before
 """
 from pumer_plug.config import MethodConfig, PumerConfig
-from pumer_plug.handle import ReductionHandle, apply, detect_adapter, make_method
+from pumer_plug.handle import ReductionHandle, apply, compile, detect_adapter, make_method
 from pumer_plug.method import ReductionMethod
 from pumer_plug.pumer import Pumer
 from pumer_plug.registry import ADAPTERS, METHODS
@@ -40,5 +40,5 @@ __all__ = [
     "MethodConfig", "PumerConfig", "TomeConfig", "DynamicViTConfig", "SmResConfig", "FastVConfig", "RandomConfig",
     "PoolConfig",
     "ForwardState", "ReductionHandle", "ReductionMethod", "TokenCount", "Pumer",
-    "apply", "detect_adapter", "make_method", "list_adapters", "list_methods",
+    "apply", "compile", "detect_adapter", "make_method", "list_adapters", "list_methods",
 ]

@@ -80,9 +80,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         setup.config = load_config(args.method, args.config)
     elif args.method != "pumer":
         setup.config = load_config(args.method, None)
-    result = run_bench(setup, method=args.method, rounds=args.rounds, device=args.device, dtype=args.dtype)
+    result = run_bench(setup, method=args.method, rounds=args.rounds, device=args.device, dtype=args.dtype,
+                       train_memory=args.train_memory)
     keys = ("benchmark", "config", "device", "dtype", "dense_throughput_per_s", "reduced_throughput_per_s", "throughput_increase",
             "dense_gflops_per_example", "reduced_gflops_per_example", "flops_ratio", "reducer_time_share")
+    if args.train_memory:
+        keys += ("dense_peak_memory_mib", "reduced_peak_memory_mib", "memory_reduction", "dense_train_peak_memory_mib",
+                 "reduced_train_peak_memory_mib", "train_memory_reduction")
     for key in keys:
         value = result[key]
         print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
@@ -90,6 +94,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "a") as f:
             f.write(json.dumps(result) + "\n")
+    return 0
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from pumer_plug.evaluation.studies.gpu_check import markdown_table, run_gpu_check
+
+    records = run_gpu_check(args.output, models=[m for m in args.models.split(",") if m], dtype=args.dtype,
+                            rounds=args.rounds, max_batch_size=args.max_batch_size,
+                            train_batch_size=args.train_batch_size, tests=not args.skip_tests, device=args.device)
+    print(markdown_table(records))
+    print(f"written: {Path(args.output) / 'gpu-check.jsonl'} and {Path(args.output) / 'gpu-check.md'}")
     return 0
 
 
@@ -222,7 +237,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {"compare": cmd_compare, "bench": cmd_bench, "train": cmd_train, "finetune": cmd_finetune,
-                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list}
+                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list, "gpu-check": cmd_gpu_check}
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     if args.num_threads:

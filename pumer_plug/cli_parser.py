@@ -103,6 +103,8 @@ def _bench_parser(sub: Any, run: Command) -> None:
     p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds; median reported (default: 5)")
     p.add_argument("--output", default=None, help="append the result as a JSON line to this file")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="model and input dtype (default: float32)")
+    p.add_argument("--train-memory", action="store_true",
+                   help="also measure peak memory of inference and of one training step, dense and plugged")
     _add_common(p)
     p.set_defaults(func=run)
 
@@ -170,6 +172,23 @@ def _plot_parser(sub: Any, run: Command) -> None:
     p.set_defaults(func=run)
 
 
+def _gpu_check_parser(sub: Any, run: Command) -> None:
+    p = sub.add_parser("gpu-check", help="the prepared GPU run: gpu-marked tests, then dense vs. PuMer in fp16",
+                       description="Runs the gpu-marked tests (from a repository checkout, if present) and measures "
+                                   "dense vs. PuMer on ViLT-B/32, METER base and BridgeTower base in fp16 at the largest "
+                                   "batch that fits; writes gpu-check.jsonl and gpu-check.md. Installs nothing.")
+    p.add_argument("--output", default="results/gpu-check", help="output folder (default: results/gpu-check)")
+    p.add_argument("--models", default="vilt-b32,meter-base,bridgetower-base", help="comma-separated bench models")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16", help="model and input dtype (default: float16)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds; median reported (default: 3)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=1024, help="cap of the batch-size search (default: 1024)")
+    p.add_argument("--train-batch-size", type=_positive_int, default=32,
+                   help="batch of the training-step memory figure, at most the found one (default: 32)")
+    p.add_argument("--skip-tests", action="store_true", help="measure only")
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N (default: cuda)")
+    p.set_defaults(func=run)
+
+
 def _list_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("list", help="registered methods, adapters and presets")
     p.set_defaults(func=run)
@@ -188,6 +207,8 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     _sweep_parser(sub, commands["sweep"])
     _plot_parser(sub, commands["plot"])
     _list_parser(sub, commands["list"])
+    if "gpu-check" in commands:
+        _gpu_check_parser(sub, commands["gpu-check"])
     return parser
 
 

@@ -7,11 +7,14 @@ classes, ``vars()``, ``state_dict()`` tensors and outputs as before.
 """
 from __future__ import annotations
 
+import inspect
+
 import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
@@ -99,6 +102,8 @@ class ReductionHandle:
         """Wraps a hook so that, while ``time_hooks`` is on, its wall time adds to ``hook_seconds``.
 
         On CUDA the timing is only meaningful with ``CUDA_LAUNCH_BLOCKING=1``; benchmarks use it on CPU.
+        Under ``torch.compile`` the hook runs eagerly (``torch.compiler.disable``): the graph breaks
+        at every hook, and the host-side counts and plans work exactly as without compile.
         """
 
         def hook(*args: Any) -> Any:
@@ -110,7 +115,32 @@ class ReductionHandle:
             finally:
                 self.hook_seconds += time.perf_counter() - start
 
-        return hook
+        return torch.compiler.disable(hook)
+
+    def watch_reduction_layers(self) -> None:
+        """Hooks the model's own forward to raise when a forward reduced at some of its reduction
+        layers but skipped others: what ``torch.compile`` does with its default
+        ``skip_nnmodule_hook_guards=True``, reusing a layer's graph compiled without the hooks of
+        the next one (use :func:`pumer_plug.compile`)."""
+        seen: dict[str, Any] = {}
+
+        def before(module: nn.Module, args: tuple) -> None:
+            seen["state"] = self.state
+
+        def after(module: nn.Module, args: tuple, out: Any) -> None:
+            state = self.state
+            if state is seen.pop("state", None) or not state.counts:
+                return  # no forward started here (a decode step), or nothing reduced (no image)
+            missing = sorted(set(self.reduction_layers) - set(state.counts))
+            if missing:
+                raise RuntimeError(
+                    f"{self.adapter.name} adapter: this forward reduced at layers {sorted(state.counts)} but its "
+                    f"reducers at layers {missing} never ran. Under torch.compile this happens when dynamo does not "
+                    "guard on hooks (torch._dynamo.config.skip_nnmodule_hook_guards, True by default) and reuses a "
+                    "layer compiled without them: compile with pumer_plug.compile(model, ...) instead")
+
+        self.add_forward_pre_hook(self.model, before)
+        self.add_forward_hook(self.model, after)
 
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
         """Sets an instance attribute on a foreign object; ``remove()`` deletes it again.
@@ -120,7 +150,7 @@ class ReductionHandle:
         """
         if name in vars(obj):
             raise RuntimeError(f"{type(obj).__name__}.{name} is already set on the instance; refusing to overwrite it")
-        setattr(obj, name, value)
+        setattr(obj, name, _eager(value))
         self._attributes.append((obj, name))
 
     def override_attribute(self, obj: Any, name: str, value: Any) -> None:
@@ -132,7 +162,7 @@ class ReductionHandle:
         if name not in vars(obj):
             raise RuntimeError(f"{type(obj).__name__}.{name} is not an instance attribute; nothing to override")
         self._overrides.append((obj, name, vars(obj)[name]))
-        setattr(obj, name, value)
+        setattr(obj, name, _eager(value))
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -227,6 +257,7 @@ def apply(model: nn.Module, adapter: str = "auto", config: Any = None, method: s
     try:
         adapter_obj.attach(handle)
         method_obj.attach(handle)
+        handle.watch_reduction_layers()
     except BaseException:
         handle.remove()
         raise
@@ -251,6 +282,24 @@ def _check_not_plugged(model: nn.Module) -> None:
                                    f"of a plugged {type(other).__name__} ({handle!r}); call remove() on that handle first")
 
 
+def compile(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """Returns ``torch.compile(model, **kwargs)`` for a plugged model, with dynamo guarding on hooks.
+
+    The reducers run as hooks, eagerly (a graph break at each; ``torch.compiler.disable``). By
+    default dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``),
+    so a layer's graph compiled without reducer hooks would be reused for a reduction layer of the
+    same class. This sets that option to False for the process, then compiles.
+
+    Example:
+        >>> handle = pumer_plug.apply(model, config=PumerConfig.preset("vilt-vqa"))
+        >>> fast = pumer_plug.compile(model, backend="inductor")
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    return torch.compile(model, **kwargs)
+
+
 def make_method(method: str, config: Any = None) -> ReductionMethod:
     """Builds a registered method from a config object, a mapping of its fields, a preset name or None.
 
@@ -266,3 +315,8 @@ def make_method(method: str, config: Any = None) -> ReductionMethod:
     elif isinstance(config, Mapping):
         config = config_cls.from_dict(dict(config))
     return METHODS.get(method)(config)
+
+
+def _eager(value: Any) -> Any:
+    """A function set on a foreign module runs eagerly under ``torch.compile`` (a graph break), as hooks do."""
+    return torch.compiler.disable(value) if inspect.isfunction(value) or inspect.ismethod(value) else value

@@ -331,7 +331,9 @@ def test_cross_layer_matches_functional_reference():
 
 
 def test_attention_probabilities_pass_through_dropout_hooks():
-    model = tiny_model("vqa")
+    import dataclasses
+
+    model = MeterModel(dataclasses.replace(TINY, attn_implementation="eager"), task="vqa").eval()
     ids, mask, pixels = make_batch("vqa")
     seen = {}
 

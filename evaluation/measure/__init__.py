@@ -9,7 +9,7 @@ warm-up runs dropped, ``torch.cuda.synchronize()`` around timed regions on CUDA,
 interleaved round-robin in one process, and an environment record kept with every result.
 
 Modules: :mod:`.variants` (what they share), :mod:`.throughput`, :mod:`.flops`, :mod:`.memory`,
-:mod:`.batch_size` (``--find-batch-size``), :mod:`.environment`.
+:mod:`.train_memory` (peak of a training step), :mod:`.batch_size` (``--find-batch-size``), :mod:`.environment`.
 
 Example:
     >>> variants = [Variant("dense", "-", None), Variant("pumer", "r=0.1", my_attach)]
@@ -22,11 +22,12 @@ from .flops import measure_flops, measure_flops_by_module
 from .memory import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, MEMORY_METHODS, MIB, LiveStorageTracker, MemoryResult,
                      measure_peak_memory, weights_bytes)
 from .throughput import ThroughputResult, measure_throughput
+from .train_memory import measure_train_step_memory, step_loss
 from .variants import DTYPES, AttachFn, Batch, Variant, attached, batch_size_of, inference, to_device
 
 __all__ = [
     "find_batch_size", "search_batch_size", "environment_record", "measure_flops", "measure_flops_by_module",
     "CPU_MEMORY_METHOD", "CUDA_MEMORY_METHOD", "MEMORY_METHODS", "MIB", "LiveStorageTracker", "MemoryResult",
-    "measure_peak_memory", "weights_bytes", "ThroughputResult", "measure_throughput", "AttachFn", "Batch",
+    "measure_peak_memory", "measure_train_step_memory", "step_loss", "weights_bytes", "ThroughputResult", "measure_throughput", "AttachFn", "Batch",
     "DTYPES", "Variant", "attached", "batch_size_of", "inference", "to_device",
 ]

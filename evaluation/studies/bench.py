@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from pumer_plug.evaluation.measure import DTYPES, Variant, environment_record, measure_flops, measure_throughput, to_device
+from pumer_plug.evaluation.measure import (DTYPES, Variant, environment_record, measure_flops, measure_peak_memory,
+                                           measure_throughput, measure_train_step_memory, to_device)
 from pumer_plug.handle import apply
 from pumer_plug.registry import BENCH_MODELS
 
@@ -29,6 +30,7 @@ class BenchSetup:
     adapter: str
     config: Any
     description: str
+    attention: str = "eager"  # the backbone's attention kernel, recorded with the result ("eager" | "sdpa")
 
 
 @BENCH_MODELS.register("vilt-b32")
@@ -69,12 +71,15 @@ def reducer_time_share(model: nn.Module, batch: dict, attach: Callable, forwards
 
 
 def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup: int = 1,
-              num_threads: int | None = None, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+              num_threads: int | None = None, device: str = "cpu", dtype: str = "float32",
+              train_memory: bool = False) -> dict[str, Any]:
     """Times dense vs. plugged interleaved, counts FLOPs and the reducers' time share.
 
     Args:
         device: where the model and batch run ("cpu", "cuda", "cuda:1").
         dtype: one of ``measure.DTYPES``; the model and the batch's float tensors are cast to it.
+        train_memory: also measure peak memory, of inference and of one training step (forward +
+            backward with the method attached), dense and plugged.
 
     Returns:
         A JSON-ready dict with ``throughput_increase``, ``flops_ratio``, ``reducer_time_share``,
@@ -97,6 +102,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
         counts = {layer: vars(c) for layer, c in handle.token_counts.items()}
     share = reducer_time_share(model, batch, attach)
     batch_size = next(iter(batch.values())).shape[0]
+    memory = _memory_fields(model, batch, attach, dev) if train_memory else {}
     return {
         "benchmark": setup.description,
         "method": method,
@@ -110,8 +116,22 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
         "reducer_time_share": share,
         "token_counts": counts,
         "rounds": rounds,
-        **environment_record(dev, cast, batch_size, num_threads or torch.get_num_threads(), "eager"),
+        **memory,
+        **environment_record(dev, cast, batch_size, num_threads or torch.get_num_threads(), setup.attention),
     }
+
+
+def _memory_fields(model: nn.Module, batch: dict, attach: Callable, device: torch.device) -> dict[str, Any]:
+    """Inference and training-step peak memory, dense and plugged, and the reductions (dense / plugged)."""
+    out: dict[str, Any] = {}
+    for kind, measure in (("", measure_peak_memory), ("train_", measure_train_step_memory)):
+        dense, reduced = measure(model, batch, None, device=device), measure(model, batch, attach, device=device)
+        out[f"dense_{kind}peak_memory_mib"] = dense.peak_memory_mib
+        out[f"reduced_{kind}peak_memory_mib"] = reduced.peak_memory_mib
+        out[f"{kind}memory_reduction"] = dense.peak_memory_mib / reduced.peak_memory_mib
+        out["memory_method"] = dense.memory_method
+    model.eval()
+    return out
 
 
 def _random_batch(batch_size: int, text_len: int, image_size: int) -> dict[str, torch.Tensor]:
@@ -125,7 +145,7 @@ def _random_batch(batch_size: int, text_len: int, image_size: int) -> dict[str, 
 
 
 @BENCH_MODELS.register("meter-base")
-def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -> BenchSetup:
+def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384, attn_implementation: str = "sdpa") -> BenchSetup:
     """METER-CLIP16-RoBERTa base from the default ``MeterConfig`` (VQA head); PuMer preset ``meter-vqa``
     (co-attention blocks 0-3, k = r = t = 0.2). The paper's figure for this setting is 92 -> 64.7
     GMACs (PuMer Table 7; the vision encoder is not reduced)."""
@@ -135,10 +155,18 @@ def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -
     from pumer_plug.models.meter import MeterConfig, MeterModel
 
     torch.manual_seed(0)
-    model = MeterModel(dataclasses.replace(MeterConfig(), image_size=image_size), task="vqa").eval()
+    config = dataclasses.replace(MeterConfig(), image_size=image_size, attn_implementation=attn_implementation)
+    model = MeterModel(config, task="vqa").eval()
     batch = _random_batch(batch_size, text_len, image_size)
-    desc = f"METER-CLIP16-RoBERTa base (default MeterConfig), batch {batch_size}, {text_len} text tokens, {image_size}x{image_size} images"
-    return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc)
+    desc = (f"METER-CLIP16-RoBERTa base (default MeterConfig, {attn_implementation} attention), batch {batch_size}, "
+            f"{text_len} text tokens, {image_size}x{image_size} images")
+    return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc, model.config.attn_implementation)
+
+
+@BENCH_MODELS.register("meter-base-eager")
+def meter_base_eager(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -> BenchSetup:
+    """``meter-base`` with the eager co-attention (probabilities computed; METER's original code path)."""
+    return meter_base(batch_size, text_len, image_size, attn_implementation="eager")
 
 
 @BENCH_MODELS.register("bridgetower-base")

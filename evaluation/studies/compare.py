@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environment_record, find_batch_size,
-                                           measure_flops, measure_peak_memory, measure_throughput, to_device)
+                                           measure_flops, measure_peak_memory, measure_throughput,
+                                           measure_train_step_memory, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
 from pumer_plug.evaluation.tasks.base import Task, attach_method, on_device
 
@@ -69,7 +70,7 @@ def largest_batch_size(task: Task, model: nn.Module, device: torch.device, dtype
 
 def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None = 32, device: str = "cpu",
                 rounds: int = 5, timing_batches: int = 4, progress: bool = True, dtype: str = "float32",
-                predictions_dir: str | Path | None = None) -> list[dict[str, Any]]:
+                predictions_dir: str | Path | None = None, train_memory: bool = True) -> list[dict[str, Any]]:
     """Evaluates every variant on the task's test split and measures its cost.
 
     Args:
@@ -77,6 +78,8 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
         dtype: one of ``DTYPES``: the model and the inputs' float tensors are cast to it.
         predictions_dir: if given, each variant's predictions go to ``predictions-<name>.jsonl``
             there (or the task's own format, ``Task.write_predictions``).
+        train_memory: also measure the peak of one training step (forward + backward with the
+            method attached; :func:`add_train_memory`).
 
     Returns:
         One row per variant (dense first) with the columns of
@@ -107,6 +110,21 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     gflops = {v.name: measure_flops(model, timing[0], v.attach, device=dev) for v in variants}
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
     env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
-    return compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
+    rows = compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)
+    if train_memory:
+        add_train_memory(rows, {v.name: measure_train_step_memory(model, timing[0], v.attach, device=dev) for v in variants})
+    return rows
+
+
+def add_train_memory(rows: list[dict[str, Any]], results: dict[str, Any], baseline: str = "dense") -> None:
+    """Adds the training-step memory columns to compare rows (in place): ``train_peak_memory_mib``,
+    ``train_activation_memory_mib`` and ``train_memory_reduction`` (dense / variant, like
+    ``memory_reduction``); ``results`` maps a row's ``method`` to a ``MemoryResult``."""
+    base = results[baseline].peak_memory_mib
+    for row in rows:
+        result = results[row["method"]]
+        row["train_peak_memory_mib"] = result.peak_memory_mib
+        row["train_activation_memory_mib"] = result.activation_memory_mib
+        row["train_memory_reduction"] = base / result.peak_memory_mib if result.peak_memory_mib else None
 

@@ -78,6 +78,9 @@ class MeterConfig:
     mlp_ratio: int = 4
     drop_rate: float = 0.1
     layer_norm_eps: float = 1e-12
+    # attention kernel of the co-attention layers and the RoBERTa encoder, as transformers names it:
+    # "sdpa" (fused F.scaled_dot_product_attention) or "eager" (probabilities computed, hookable)
+    attn_implementation: str = "sdpa"
     # heads
     vqav2_label_size: int = 3129
 
@@ -163,7 +166,8 @@ class MeterModel(nn.Module):
 
         def cross_layers() -> nn.ModuleList:
             return nn.ModuleList(CrossLayer(hs, config.num_heads, hs * config.mlp_ratio, config.drop_rate,
-                                            config.layer_norm_eps) for _ in range(config.num_top_layer))
+                                            config.layer_norm_eps, config.attn_implementation)
+                                 for _ in range(config.num_top_layer))
 
         self.cross_modal_image_layers = cross_layers()
         self.cross_modal_text_layers = cross_layers()
@@ -201,6 +205,7 @@ class MeterModel(nn.Module):
             type_vocab_size=config.text_type_vocab_size, layer_norm_eps=config.text_layer_norm_eps,
             pad_token_id=config.pad_token_id, bos_token_id=0, eos_token_id=2,
             hidden_dropout_prob=config.drop_rate, attention_probs_dropout_prob=config.drop_rate,
+            attn_implementation=config.attn_implementation,
         )
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

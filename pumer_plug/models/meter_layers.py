@@ -40,10 +40,13 @@ def extend_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 class ClipLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back (CLIP's fp16-safe LayerNorm)."""
+    """LayerNorm computed in float32 and cast back (CLIP's fp16-safe LayerNorm); the affine
+    parameters are cast to float32 too, so a model cast to fp16/bf16 runs on every device."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -196,17 +199,26 @@ def interpolate_positional_embedding(pos: torch.Tensor, grid: int | tuple[int, i
 # ---------------------------------------------------------------------------- co-attention layer
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
 class CrossSelfAttention(nn.Module):
     """Multi-head attention scores and context (bert_model.BertSelfAttention, absolute positions).
 
-    The probabilities go through ``self.dropout`` before they weight the values, so a forward
+    ``attn_implementation`` as transformers names it: ``"sdpa"`` (default) runs
+    ``F.scaled_dot_product_attention`` (fused, no probabilities); ``"eager"`` computes the
+    probabilities, which go through ``self.dropout`` before they weight the values, so a forward
     pre-hook on ``dropout`` sees them as its first argument, shape (B, H, Tq, Tk).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float,
+                 attn_implementation: str = "sdpa") -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden size {hidden_size} is not a multiple of {num_heads} heads")
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+        self.attn_implementation = attn_implementation
         self.num_attention_heads = num_heads
         self.attention_head_size = hidden_size // num_heads
         self.query = nn.Linear(hidden_size, hidden_size)
@@ -230,6 +242,12 @@ class CrossSelfAttention(nn.Module):
         q = self._split_heads(self.query(hidden_states))  # (B, H, Tq, C/H)
         k = self._split_heads(self.key(source))  # (B, H, Tk, C/H)
         v = self._split_heads(self.value(source))  # (B, H, Tk, C/H)
+        if self.attn_implementation == "sdpa":
+            mask = None if attention_mask is None else attention_mask.to(q.dtype)  # (B, 1, 1, Tk) additive
+            p = self.dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Tq, C/H)
+            out = out.transpose(1, 2)  # (B, Tq, H, C/H)
+            return out.reshape(out.shape[0], out.shape[1], -1)  # (B, Tq, C)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)  # (B, H, Tq, Tk)
         if attention_mask is not None:
             scores = scores + attention_mask
@@ -254,9 +272,10 @@ class CrossSelfOutput(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """Attention plus its residual output, children ``self`` and ``output`` (BertAttention)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, eps: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, eps: float,
+                 attn_implementation: str = "sdpa") -> None:
         super().__init__()
-        self.self = CrossSelfAttention(hidden_size, num_heads, dropout)
+        self.self = CrossSelfAttention(hidden_size, num_heads, dropout, attn_implementation)
         self.output = CrossSelfOutput(hidden_size, hidden_size, dropout, eps)
 
     def forward(
@@ -286,14 +305,15 @@ class CrossLayer(nn.Module):
               attention_mask=mask_x, encoder_attention_mask=mask_y)
 
     so a ``register_forward_pre_hook(..., with_kwargs=True)`` can rewrite any of the four.
-    Attention probabilities pass through ``attention.self.dropout`` (self, (B, H, Tq, Tq)) and
-    ``crossattention.self.dropout`` (cross, (B, H, Tq, Tk)).
+    Under eager attention the probabilities pass through ``attention.self.dropout`` (self,
+    (B, H, Tq, Tq)) and ``crossattention.self.dropout`` (cross, (B, H, Tq, Tk)).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float, eps: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float, eps: float,
+                 attn_implementation: str = "sdpa") -> None:
         super().__init__()
-        self.attention = CrossAttentionBlock(hidden_size, num_heads, dropout, eps)
-        self.crossattention = CrossAttentionBlock(hidden_size, num_heads, dropout, eps)
+        self.attention = CrossAttentionBlock(hidden_size, num_heads, dropout, eps, attn_implementation)
+        self.crossattention = CrossAttentionBlock(hidden_size, num_heads, dropout, eps, attn_implementation)
         self.intermediate = CrossIntermediate(hidden_size, intermediate_size)
         self.output = CrossSelfOutput(intermediate_size, hidden_size, dropout, eps)
 

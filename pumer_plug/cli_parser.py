@@ -1,5 +1,8 @@
 """The ``pumer-plug`` command line: argument types, options and one parser per command.
 
+Importing this module (and building the parser) imports neither torch nor transformers, so
+``pumer-plug --help`` answers at once; the command functions import what they need.
+
 :func:`build_parser` takes the command functions (``pumer_plug.cli``) so that each subcommand
 calls its own; argument errors are one line (the usage block stays behind ``--help``).
 """
@@ -7,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 from typing import Any, Callable
-
-import torch
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -36,6 +37,8 @@ _positive_float = _number(float, 0.0, True, "a finite number > 0")
 
 
 def _device(text: str) -> str:
+    import torch  # here, not at the top: `--help` and `list` must start without torch
+
     try:
         device = torch.device(text)
     except RuntimeError:

@@ -143,6 +143,8 @@ def tiny_cache(tmp_path, monkeypatch):
     config = builtin.builtin_vilt_config
     monkeypatch.setattr(builtin, "train_builtin_model", _fake_trainer(calls))
     monkeypatch.setattr(builtin, "builtin_vilt_config", lambda vocab_size=None, **kw: config(vocab_size, **TINY))
+    monkeypatch.setattr(builtin, "recipe_differences", lambda metadata, seed=None: [])  # a tiny recipe
+    monkeypatch.setattr(builtin, "PACKAGED_MODEL_DIR", tmp_path / "not-packaged")
     monkeypatch.setenv(builtin.CACHE_ENV_VAR, str(tmp_path))
     return tmp_path, calls
 

@@ -91,7 +91,7 @@ def _record(key, method, label, accuracy, increase, **extra):
             "gflops_per_example": 1.0 / increase, "task": "tiny", "rounds": 1, "mode": "plug", **extra}
 
 
-def test_plot_writes_the_figure_and_both_tables(tmp_path):
+def _plotted(tmp_path, sweep):
     pumer = {"reduction_layers": [1, 2], "prune_ratio": 0.1, "image_merge_ratio": 0.3, "text_merge_ratio": 0.2}
     records = [_record("dense", "dense", "dense", 0.80, 1.0),
                _record("p1", "pumer", "PuMer", 0.79, 1.7, config=pumer, group="ratios"),
@@ -99,14 +99,24 @@ def test_plot_writes_the_figure_and_both_tables(tmp_path):
                _record("t1", "tome", "ToMe r=8", 0.70, 1.5, config={"r": 8}),
                {"key": "t2", "status": "error", "method": "tome", "label": "broken", "error": "ValueError: x"}]
     results = tmp_path / "results.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    paths = plot_results(results)
-    assert {"png", "svg", "table3", "table4"} <= set(paths)
+    results.write_text("".join(json.dumps({**r, "sweep": sweep}) + "\n" for r in records))
+    return plot_results(results)
+
+
+def test_plot_writes_the_figure_and_the_table_of_its_grid(tmp_path):
+    paths = _plotted(tmp_path / "t3", "table3")
+    assert set(paths) == {"png", "svg", "table3"}
     assert paths["png"].stat().st_size > 10_000 and paths["svg"].read_text().startswith("<?xml")
     table3 = paths["table3"].read_text()
     assert "| PuMer " in table3 and "79.00 (-1.00)" in table3 and "broken" not in table3
-    table4 = paths["table4"].read_text()
+    table4 = _plotted(tmp_path / "t4", "table4")["table4"].read_text()
     assert "Reduction Layers" in table4 and "| ratios " in table4 and "ToMe" not in table4
+
+
+def test_a_custom_grid_writes_a_plain_table_not_the_papers(tmp_path):
+    paths = _plotted(tmp_path, "my-grid")
+    assert set(paths) == {"png", "svg", "table"} and not (tmp_path / "table4.md").exists()
+    assert "| ToMe r=8 " in paths["table"].read_text() and "Choice" not in paths["table"].read_text()
 
 
 @pytest.mark.parametrize("command", ["finetune", "sweep", "plot"])

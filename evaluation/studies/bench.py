@@ -9,26 +9,52 @@ only accuracy needs a trained model (``pumer-plug compare``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from pumer_plug.evaluation.measure import DTYPES, Variant, environment_record, measure_flops, measure_throughput, to_device
+from pumer_plug.evaluation.tasks.base import describe_config
 from pumer_plug.handle import apply
 from pumer_plug.registry import BENCH_MODELS
 
 
 @dataclass
 class BenchSetup:
-    """A model, one input batch, and the method config the issue's benchmark prescribes."""
+    """A model, one input batch, and the method config the issue's benchmark prescribes.
+
+    Attributes:
+        config: PuMer's config for this setup.
+        method_configs: configs of other methods that this setup needs instead of their defaults
+            (e.g. a DynamicViT with stages inside a 6-layer model); see :func:`setup_config`.
+    """
 
     model: nn.Module
     batch: dict[str, torch.Tensor]
     adapter: str
     config: Any
     description: str
+    method_configs: dict[str, Any] = field(default_factory=dict)
+
+
+def setup_config(setup: BenchSetup, method: str) -> Any:
+    """The config ``method`` runs with on ``setup``: PuMer's setup config, the setup's own config for
+    the method, else the method's default config."""
+    from pumer_plug.config import load_method_config
+
+    if method == "pumer":
+        return setup.config
+    return setup.method_configs.get(method) or load_method_config(method, None)
+
+
+def _six_layer_configs() -> dict[str, Any]:
+    """Configs for a backbone with 6 reducible (cross-modal) layers: DynamicViT's stages at layers
+    3, 6, 9 of 12 scaled to 6 layers, as for the built-in 6-layer model."""
+    from pumer_plug.baselines.dynamicvit import DynamicViTConfig
+
+    return {"dynamicvit": DynamicViTConfig(reduction_layers=(1, 3, 4), keep_ratio=0.7)}
 
 
 @BENCH_MODELS.register("vilt-b32")
@@ -88,7 +114,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
     def attach(m: nn.Module):
         return apply(m, adapter=setup.adapter, config=setup.config, method=method)
 
-    variants = [Variant("dense", "-", None), Variant(method, setup.config.describe(), attach)]
+    variants = [Variant("dense", "-", None), Variant(method, describe_config(setup.config), attach)]
     speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup, device=dev)
     dense_gflops = measure_flops(model, batch)
     reduced_gflops = measure_flops(model, batch, attach)
@@ -100,7 +126,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
     return {
         "benchmark": setup.description,
         "method": method,
-        "config": setup.config.describe(),
+        "config": describe_config(setup.config),
         "dense_throughput_per_s": speed["dense"].throughput_per_s,
         "reduced_throughput_per_s": speed[method].throughput_per_s,
         "throughput_increase": speed[method].throughput_per_s / speed["dense"].throughput_per_s,
@@ -138,7 +164,7 @@ def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -
     model = MeterModel(dataclasses.replace(MeterConfig(), image_size=image_size), task="vqa").eval()
     batch = _random_batch(batch_size, text_len, image_size)
     desc = f"METER-CLIP16-RoBERTa base (default MeterConfig), batch {batch_size}, {text_len} text tokens, {image_size}x{image_size} images"
-    return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc)
+    return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc, _six_layer_configs())
 
 
 @BENCH_MODELS.register("bridgetower-base")
@@ -155,4 +181,4 @@ def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     size = config.vision_config.image_size
     batch = _random_batch(batch_size, text_len, size)
     desc = f"BridgeTower base (default BridgeTowerConfig), batch {batch_size}, {text_len} text tokens, {size}x{size} images"
-    return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc)
+    return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc, _six_layer_configs())

@@ -20,7 +20,9 @@ from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environment_record, find_batch_size,
                                            measure_flops, measure_peak_memory, measure_throughput, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.tasks.base import Task, attach_method, on_device
+from pumer_plug.evaluation.measure.variants import batch_size_of
+from pumer_plug.evaluation.tasks.base import Task, attach_method, check_methods_fit, describe_config, on_device
+
 
 @dataclass
 class MethodSpec:
@@ -31,7 +33,7 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        return self.config.describe()
+        return describe_config(self.config)
 
 
 def make_variants(task: Task, specs: Sequence[MethodSpec]) -> list[Variant]:
@@ -89,24 +91,59 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     if batch_size is None and dev.type != "cuda":
         raise UserError(f"--find-batch-size needs a CUDA device, got {dev}; pass --batch-size instead")
     model = load_model(task, dev, cast)
+    check_methods_fit(model, task.adapter, [(spec.method, spec.config) for spec in specs])
     if batch_size is None:
         batch_size = largest_batch_size(task, model, dev, cast)
     test = on_device(task.batches("test", batch_size), dev, cast)
     variants = make_variants(task, specs)
     accuracy = {}
-    for variant in tqdm(variants, desc="accuracy", disable=not progress):
-        with attached(model, variant.attach):
-            predictions = task.predictions(model, test)
-        accuracy[variant.name] = task.metrics(predictions)[task.metric]
-        if predictions_dir is not None:
-            Path(predictions_dir).mkdir(parents=True, exist_ok=True)
-            task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
+    with tqdm(desc="accuracy", unit="ex", disable=not progress) as bar:  # counts examples of every variant
+        for k, variant in enumerate(variants):
+            bar.set_postfix_str(variant.name)
+            with attached(model, variant.attach):
+                predictions = task.predictions(model, _counted(test, bar))
+            if k == 0:  # the number of test examples is known after the first pass
+                bar.total = bar.n * len(variants)
+                bar.refresh()
+            accuracy[variant.name] = task.metrics(predictions)[task.metric]
+            if predictions_dir is not None:
+                Path(predictions_dir).mkdir(parents=True, exist_ok=True)
+                task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
     timing = [x for x, _ in itertools.islice(test, timing_batches)]
-    throughput = measure_throughput(model, timing, variants, rounds=rounds, warmup=1, device=dev)
-    memory = {v.name: measure_peak_memory(model, timing[0], v.attach, device=dev) for v in variants}
-    gflops = {v.name: measure_flops(model, timing[0], v.attach, device=dev) for v in variants}
+    with tqdm(total=(1 + rounds) * len(variants), desc="timing (warm-up + rounds)", unit="forward pass set",
+              disable=not progress) as bar:
+        throughput = measure_throughput(model, timing, _ticking(variants, bar), rounds=rounds, warmup=1, device=dev)
+    memory, gflops = {}, {}
+    for v in tqdm(variants, desc="memory and FLOPs", unit="variant", disable=not progress):
+        memory[v.name] = measure_peak_memory(model, timing[0], v.attach, device=dev)
+        gflops[v.name] = measure_flops(model, timing[0], v.attach, device=dev)
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
     env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
     return compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)
 
+
+
+def _counted(batches: Any, bar: tqdm) -> Any:
+    """``batches``, advancing ``bar`` by each batch's number of examples."""
+    for inputs, targets in batches:
+        yield inputs, targets
+        bar.update(batch_size_of(inputs))
+
+
+def _ticking(variants: Sequence[Variant], bar: tqdm) -> list[Variant]:
+    """``variants`` whose ``attach`` advances ``bar`` (once per variant and round; attaching is untimed)."""
+    def ticking(attach: Callable | None) -> Callable:
+        def attach_and_tick(model: nn.Module) -> Any:
+            bar.update()
+            return attach(model) if attach is not None else _NoHandle()
+        return attach_and_tick
+
+    return [Variant(v.name, v.config, ticking(v.attach)) for v in variants]
+
+
+class _NoHandle:
+    """The handle of the dense variant: nothing to remove."""
+
+    def remove(self) -> None:
+        pass

@@ -21,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,32 @@ def attach_method(model: nn.Module, adapter: str, method: str, config: Any) -> A
         return apply(model, adapter=adapter, config=config, method=method)
     except ValueError as error:
         raise UserError(f"{method} on this model: {error}") from error
+
+
+def check_methods_fit(model: nn.Module, adapter: str, methods: Iterable[tuple[str, Any]]) -> None:
+    """Attaches and removes every ``(method, config)`` once, so that a config which does not fit the
+    model (e.g. a reduction layer beyond its depth) fails before any evaluation starts.
+
+    Raises:
+        UserError: the first ``(method, config)`` that ``apply()`` refuses, naming the method and config.
+    """
+    for method, config in methods:
+        try:
+            attach_method(model, adapter, method, config).remove()
+        except UserError as error:
+            raise UserError(f"{error} (config: {describe_config(config)}); nothing was evaluated") from error
+
+
+def describe_config(config: Any) -> str:
+    """A short description of a method config, e.g. ``layers=2,3,4 k=0.5 r=0.3 t=0``."""
+    describe = getattr(config, "describe", None)  # every config has describe() once MethodConfig lands (wt-core)
+    if describe is not None:
+        return describe()
+    if dataclasses.is_dataclass(config):
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in fields.items())
+    return str(config)
 
 
 class Task:

@@ -136,19 +136,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from pumer_plug import PumerConfig, list_adapters, list_methods
-    from pumer_plug.evaluation.studies import bench  # noqa: F401  (registers the bench models)
-    from pumer_plug.evaluation.tasks import TASKS
-    from pumer_plug.registry import BENCH_MODELS
+def _first_line(obj: Any) -> str:
+    return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
 
-    print("methods: ", ", ".join(list_methods()))
-    print("adapters:", ", ".join(list_adapters()))
-    print("tasks:   ", ", ".join(TASKS.list()))
-    print("bench models:", ", ".join(BENCH_MODELS.list()))
-    print("PuMer presets:")
-    for name in PumerConfig.list_presets():
-        print(f"  {name:16s} {PumerConfig.preset(name).describe():40s} source: {PumerConfig.PRESET_SOURCES[name]}")
+
+def _field_text(field: Any) -> str:
+    import dataclasses
+
+    if field.default is not dataclasses.MISSING:
+        return f"{field.name}={field.default!r}"
+    if field.default_factory is not dataclasses.MISSING:
+        return f"{field.name}={field.default_factory()!r}"
+    return field.name
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pumer_plug.evaluation.tasks import describe_config
+    from pumer_plug.registry import ADAPTERS, BENCH_MODELS, METHODS, TASKS
+
+    print("methods (config fields with defaults; presets):")
+    for name, method in METHODS.items():
+        config_cls = method.config_class
+        print(f"  {name}: {config_cls.__name__}")
+        if dataclasses.is_dataclass(config_cls):
+            print(f"    fields:  {', '.join(_field_text(f) for f in dataclasses.fields(config_cls))}")
+        presets = getattr(config_cls, "PRESETS", {})  # only some configs have presets
+        sources = getattr(config_cls, "PRESET_SOURCES", {})
+        for preset in sorted(presets):
+            source = f"  ({sources[preset]})" if preset in sources else ""
+            print(f"    preset {preset:16s} {describe_config(config_cls.preset(preset))}{source}")
+    print("adapters (pumer_plug.apply(model, adapter=NAME); 'auto' picks one):")
+    for name, adapter in ADAPTERS.items():
+        print(f"  {name:16s} {_first_line(adapter)}")
+    print("tasks (compare/sweep/finetune --task NAME):")
+    for name, task in TASKS.items():
+        print(f"  {name:16s} {_first_line(task)}")
+    print("bench model setups (bench --model NAME):")
+    for name, make_setup in BENCH_MODELS.items():
+        print(f"  {name:16s} {_first_line(make_setup)}")
     return 0
 
 
@@ -175,8 +202,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if method == "none" and args.config:
         raise UserError("--config needs a reduction --method (the dense model has no config)")
     config = _finetune_config(args, method=method, method_config=args.config, checkpoint_every=args.checkpoint_every)
+    output = _output_folder(args.output or f"results/finetune/{method}")
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir))
-    output = Path(args.output or f"results/finetune/{method}")
     result = finetune(task, config, output, resume=args.resume, device=args.device)
     initial = result.initial_val_accuracy
     print(f"finetuned {method} for {result.epochs_run} epoch(s), {result.steps} steps, {result.seconds:.0f} s"
@@ -201,6 +228,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for point in grid.points:
             print(f"{point.method:11s} {point.label:40s} {point.key(finetune_base)}")
         return 0
+    _output_folder(output)
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
     results = output / "results.jsonl"
     records = run_sweep(task, grid.points, results, name=grid.name, finetune_base=finetune_base,

@@ -90,6 +90,8 @@ def _compare_parser(sub: Any, run: Command) -> None:
     p.add_argument("--timing-batches", type=_positive_int, default=4, help="test batches per timed round (default: 4)")
     p.add_argument("--output", default="results/compare",
                    help="output folder (default: results/compare); results.jsonl is appended to, results.md rewritten")
+    p.add_argument("--wide", action="store_true",
+                   help="print every column and the full config descriptions (default: a table that fits 120 columns)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     p.add_argument("--retrain", action="store_true", help="retrain the built-in model even if a cached one exists")
     _add_common(p)
@@ -101,10 +103,11 @@ def _bench_parser(sub: Any, run: Command) -> None:
                        description="Dense vs. plugged throughput (interleaved), FLOPs ratio and the reducers' time share.")
     p.add_argument("--model", default="vilt-b32", help="benchmark setup (default: vilt-b32)")
     p.add_argument("--method", default="pumer", help="reduction method (default: pumer)")
-    p.add_argument("--config", default=None, help="preset name or JSON/YAML file (default: the setup's config)")
+    p.add_argument("--config", default=None, help="preset name or JSON/YAML file (default: the setup's config for the method)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the setup's)")
     p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds; median reported (default: 5)")
-    p.add_argument("--output", default=None, help="append the result as a JSON line to this file")
+    p.add_argument("--output", default=None, metavar="FOLDER",
+                   help="append the result as a JSON line to FOLDER/bench.jsonl (default: print only)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="model and input dtype (default: float32)")
     _add_common(p)
     p.set_defaults(func=run)
@@ -112,7 +115,7 @@ def _bench_parser(sub: Any, run: Command) -> None:
 
 def _train_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it",
-                       description="Train the built-in digits-VQA ViLT from scratch (about 6 minutes on 2 CPU cores) and "
+                       description="Train the built-in digits-VQA ViLT from scratch (about 8 minutes on 2 CPU cores) and "
                                    "replace the cached model that compare, finetune and sweep use; prints its val "
                                    "accuracy per question type next to the majority-answer and question-only baselines.")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation and training data (default: 0)")
@@ -143,8 +146,8 @@ def _sweep_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("sweep", help="grid of methods x knobs: accuracy, throughput increase, memory, FLOPs per point",
                        description="Measure every point of a grid against the dense model (once per run) and append JSON "
                                    "lines; re-running skips finished points. Presets: figure5, table3, table4 "
-                                   "(the paper's studies scaled to the built-in 6-layer model). Grid file schema: "
-                                   "see pumer_plug.evaluation.studies.sweep.")
+                                   "(the paper's studies scaled to the built-in 6-layer model). Grid file format: "
+                                   "docs/grids.md, example docs/grids/example.yaml.")
     p.add_argument("--grid", required=True, metavar="PRESET_OR_FILE", help="figure5, table3, table4, or a YAML/JSON grid file")
     p.add_argument("--task", default="builtin", help="task name (default: builtin)")
     p.add_argument("--output", default=None, help="output folder (default: results/sweep/GRID, GRID-finetune with --finetune)")
@@ -174,7 +177,7 @@ def _plot_parser(sub: Any, run: Command) -> None:
 
 
 def _list_parser(sub: Any, run: Command) -> None:
-    p = sub.add_parser("list", help="registered methods, adapters and presets")
+    p = sub.add_parser("list", help="methods (config fields, presets), adapters, tasks and bench model setups")
     p.set_defaults(func=run)
 
 

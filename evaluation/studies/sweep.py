@@ -57,7 +57,7 @@ from pumer_plug.config import read_config_file
 from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_peak_memory, measure_throughput
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.tasks.base import Task, check_methods_fit, load_config, on_device
+from pumer_plug.evaluation.tasks.base import Task, check_methods_fit, describe_config, load_config, on_device
 from pumer_plug.evaluation.training.finetune import (FinetuneConfig, attach_finetuned, config_to_dict, finetune,
                                                      load_finetuned)
 from pumer_plug.handle import apply
@@ -189,7 +189,7 @@ def _expand_block(block: Any, where: str) -> list[SweepPoint]:
         config = load_config(method, {**base, **fields, **dict(zip(vary, combo))})
         meta = {k: entry.get(k, block.get(k)) for k in ENTRY_KEYS}
         series = str(meta["series"] or METHODS.get(method).display_name)
-        label = str(meta["label"] or f"{series} {config.describe()}")
+        label = str(meta["label"] or f"{series} {describe_config(config)}")
         group = None if meta["group"] is None else str(meta["group"])
         points.append(SweepPoint(method, config, label, series, group, _finetune_overrides(meta["finetune"])))
     return points
@@ -362,7 +362,7 @@ def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path
         started = time.perf_counter()
         record = {**common, "key": point.key(finetune_base), "method": point.method, "label": point.label,
                   "labels": labels, "series": point.series, "group": point.group, "config": config_to_dict(point.config),
-                  "config_label": point.config.describe(), "finetune": dict(point.finetune) or None}
+                  "config_label": describe_config(point.config), "finetune": dict(point.finetune) or None}
         try:
             record.update(_measure_point(ref, point, finetune_base, rounds, path.parent, progress), status="ok", error=None)
         except Exception as err:  # a failing point is recorded, the sweep goes on

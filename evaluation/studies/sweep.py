@@ -11,7 +11,7 @@ ending the sweep. ``--finetune`` trains each point first (with distillation, see
 plug-and-play on the reference model with the same config (weights do not change the token
 counts, so they do not change the cost).
 
-Grid file (YAML or JSON)::
+Grid file (YAML or JSON; documented in ``docs/grids.md``, example ``docs/grids/example.yaml``)::
 
     name: my-grid                 # optional; default: the file name
     points:                       # blocks; each expands to configs x the cartesian product of vary

@@ -14,8 +14,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from pumer_plug.evaluation.measure import DTYPES, Variant, environment_record, measure_flops, measure_throughput, to_device
+from pumer_plug.evaluation.measure.variants import counting_attaches
 from pumer_plug.evaluation.tasks.base import describe_config
 from pumer_plug.handle import apply
 from pumer_plug.registry import BENCH_MODELS
@@ -95,12 +97,14 @@ def reducer_time_share(model: nn.Module, batch: dict, attach: Callable, forwards
 
 
 def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup: int = 1,
-              num_threads: int | None = None, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+              num_threads: int | None = None, device: str = "cpu", dtype: str = "float32",
+              progress: bool = True) -> dict[str, Any]:
     """Times dense vs. plugged interleaved, counts FLOPs and the reducers' time share.
 
     Args:
         device: where the model and batch run ("cpu", "cuda", "cuda:1").
         dtype: one of ``measure.DTYPES``; the model and the batch's float tensors are cast to it.
+        progress: show a progress bar over the timed passes.
 
     Returns:
         A JSON-ready dict with ``throughput_increase``, ``flops_ratio``, ``reducer_time_share``,
@@ -115,7 +119,10 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
         return apply(m, adapter=setup.adapter, config=setup.config, method=method)
 
     variants = [Variant("dense", "-", None), Variant(method, describe_config(setup.config), attach)]
-    speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup, device=dev)
+    with tqdm(total=(warmup + rounds) * len(variants), desc=f"timing ({rounds} rounds + {warmup} warm-up, interleaved)",
+              unit="pass", disable=not progress) as bar:
+        speed = measure_throughput(model, [batch], counting_attaches(variants, bar.update), rounds=rounds,
+                                   warmup=warmup, device=dev)
     dense_gflops = measure_flops(model, batch)
     reduced_gflops = measure_flops(model, batch, attach)
     with attach(model) as handle, torch.inference_mode():

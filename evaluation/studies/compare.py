@@ -20,7 +20,7 @@ from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environment_record, find_batch_size,
                                            measure_flops, measure_peak_memory, measure_throughput, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.measure.variants import batch_size_of
+from pumer_plug.evaluation.measure.variants import batch_size_of, counting_attaches
 from pumer_plug.evaluation.tasks.base import Task, attach_method, check_methods_fit, describe_config, on_device
 
 
@@ -110,9 +110,10 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
                 Path(predictions_dir).mkdir(parents=True, exist_ok=True)
                 task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
     timing = [x for x, _ in itertools.islice(test, timing_batches)]
-    with tqdm(total=(1 + rounds) * len(variants), desc="timing (warm-up + rounds)", unit="forward pass set",
-              disable=not progress) as bar:
-        throughput = measure_throughput(model, timing, _ticking(variants, bar), rounds=rounds, warmup=1, device=dev)
+    with tqdm(total=(1 + rounds) * len(variants), desc=f"timing ({rounds} rounds + 1 warm-up, variants interleaved)",
+              unit="pass", disable=not progress) as bar:
+        throughput = measure_throughput(model, timing, counting_attaches(variants, bar.update), rounds=rounds,
+                                        warmup=1, device=dev)
     memory, gflops = {}, {}
     for v in tqdm(variants, desc="memory and FLOPs", unit="variant", disable=not progress):
         memory[v.name] = measure_peak_memory(model, timing[0], v.attach, device=dev)
@@ -123,27 +124,9 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
                         memory=memory, gflops=gflops)
 
 
-
 def _counted(batches: Any, bar: tqdm) -> Any:
     """``batches``, advancing ``bar`` by each batch's number of examples."""
     for inputs, targets in batches:
         yield inputs, targets
         bar.update(batch_size_of(inputs))
 
-
-def _ticking(variants: Sequence[Variant], bar: tqdm) -> list[Variant]:
-    """``variants`` whose ``attach`` advances ``bar`` (once per variant and round; attaching is untimed)."""
-    def ticking(attach: Callable | None) -> Callable:
-        def attach_and_tick(model: nn.Module) -> Any:
-            bar.update()
-            return attach(model) if attach is not None else _NoHandle()
-        return attach_and_tick
-
-    return [Variant(v.name, v.config, ticking(v.attach)) for v in variants]
-
-
-class _NoHandle:
-    """The handle of the dense variant: nothing to remove."""
-
-    def remove(self) -> None:
-        pass

@@ -352,7 +352,7 @@ def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = Fals
         torch.Size([64, 13])
     """
     model_dir = builtin_model_dir(cache_dir)
-    why = "--retrain was asked for"
+    why = "retraining was asked for"
     if not retrain:
         if model_dir.exists():
             try:

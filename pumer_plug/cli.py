@@ -86,8 +86,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if references:
         print(format_references(references, rows))
     paths = write_results(rows, args.output, references)
-    print(f"\n{format_memory_note(rows)}")
-    print(f"written: {paths['jsonl']} and {paths['markdown']} (all columns)")
+    print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} (all columns)")
+    print(format_memory_note(rows))
     return 0
 
 

@@ -115,7 +115,7 @@ def _bench_parser(sub: Any, run: Command) -> None:
 
 def _train_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it",
-                       description="Train the built-in digits-VQA ViLT from scratch (about 8 minutes on 2 CPU cores) and "
+                       description="Train the built-in digits-VQA ViLT from scratch (about 8 minutes on 2 idle CPU cores) and "
                                    "replace the cached model that compare, finetune and sweep use; prints its val "
                                    "accuracy per question type next to the majority-answer and question-only baselines.")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation and training data (default: 0)")

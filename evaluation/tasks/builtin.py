@@ -364,8 +364,8 @@ def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = Fals
         if packaged is not None:
             return packaged
     if progress:
-        print(f"pumer-plug: training the built-in model into {model_dir} ({why}; about 8 minutes on 2 CPU "
-              "cores, one progress bar per curriculum stage)", file=sys.stderr)
+        print(f"pumer-plug: training the built-in model into {model_dir} ({why}; about 8 minutes on 2 idle CPU "
+              "cores, longer when they are shared; one progress bar per curriculum stage)", file=sys.stderr)
     _train_into_cache(model_dir, progress, seed)
     loaded = _load_checked(model_dir)
     if progress:

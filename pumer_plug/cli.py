@@ -255,6 +255,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from pumer_plug.evaluation.studies.plot import plot_results
 
     annotate = {"auto": None, "yes": True, "no": False}[args.annotate]
+    if args.output:
+        _output_folder(args.output)
     paths = plot_results(args.results, args.output, title=args.title, annotate=annotate)
     print("written:", ", ".join(str(p) for p in paths.values()))
     return 0

@@ -77,7 +77,8 @@ def test_config_file_errors_name_the_file_and_the_place(tmp_path, text, expected
     assert str(path) in str(info.value) and expected in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("command", [["bench"], ["compare"], ["sweep", "--grid", "figure5"], ["finetune"]])
+@pytest.mark.parametrize("command", [["bench"], ["compare"], ["sweep", "--grid", "figure5"], ["finetune"],
+                                     ["plot", "results.jsonl"]])
 def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command):
     taken = tmp_path / "results.jsonl"
     taken.write_text("")

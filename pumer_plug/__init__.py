@@ -1,19 +1,60 @@
 """pumer-plug: plug-in token reduction for vision-language transformers.
 
+The public names below are imported on first use (PEP 562), so ``import pumer_plug`` and the
+``pumer-plug`` command line start without torch; the registries import the built-in adapters and
+methods on their first lookup (:mod:`pumer_plug.registry`).
+
 Example:
     >>> import pumer_plug
     >>> handle = pumer_plug.apply(model, adapter="auto", config=pumer_plug.PumerConfig.preset("vilt-vqa"))
     >>> model(**batch)          # runs with PuMer's token reducers
     >>> handle.remove()         # the model is exactly as before
 """
-from pumer_plug.config import MethodConfig, PumerConfig
-from pumer_plug.handle import ReductionHandle, apply, compile, detect_adapter, make_method
-from pumer_plug.method import ReductionMethod
-from pumer_plug.pumer import Pumer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pumer_plug.registry import ADAPTERS, METHODS
-from pumer_plug.state import ForwardState, TokenCount
+
+if TYPE_CHECKING:
+    from pumer_plug.baselines.dynamicvit import DynamicViTConfig
+    from pumer_plug.baselines.fastv import FastVConfig
+    from pumer_plug.baselines.pool import PoolConfig
+    from pumer_plug.baselines.random_prune import RandomConfig
+    from pumer_plug.baselines.smres import SmResConfig
+    from pumer_plug.baselines.tome import TomeConfig
+    from pumer_plug.config import MethodConfig, PumerConfig
+    from pumer_plug.handle import ReductionHandle, apply, compile, detect_adapter, make_method
+    from pumer_plug.method import ReductionMethod
+    from pumer_plug.pumer import Pumer
+    from pumer_plug.state import ForwardState, TokenCount
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it; add a new export here (and to __all__).
+_EXPORTS = {
+    "MethodConfig": "pumer_plug.config", "PumerConfig": "pumer_plug.config",
+    "TomeConfig": "pumer_plug.baselines.tome", "DynamicViTConfig": "pumer_plug.baselines.dynamicvit",
+    "SmResConfig": "pumer_plug.baselines.smres", "FastVConfig": "pumer_plug.baselines.fastv",
+    "RandomConfig": "pumer_plug.baselines.random_prune", "PoolConfig": "pumer_plug.baselines.pool",
+    "ReductionHandle": "pumer_plug.handle", "apply": "pumer_plug.handle", "compile": "pumer_plug.handle",
+    "detect_adapter": "pumer_plug.handle", "make_method": "pumer_plug.handle",
+    "ForwardState": "pumer_plug.state", "TokenCount": "pumer_plug.state",
+    "ReductionMethod": "pumer_plug.method", "Pumer": "pumer_plug.pumer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'pumer_plug' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 def list_adapters(pattern: str = "*") -> list[str]:
@@ -26,19 +67,4 @@ def list_methods(pattern: str = "*") -> list[str]:
     return METHODS.list(pattern)
 
 
-# Importing the plug-in packages fills the registries.
-from pumer_plug import adapters as _adapters  # noqa: E402,F401
-from pumer_plug import baselines as _baselines  # noqa: E402,F401
-from pumer_plug.baselines.dynamicvit import DynamicViTConfig  # noqa: E402
-from pumer_plug.baselines.fastv import FastVConfig  # noqa: E402
-from pumer_plug.baselines.pool import PoolConfig  # noqa: E402
-from pumer_plug.baselines.random_prune import RandomConfig  # noqa: E402
-from pumer_plug.baselines.smres import SmResConfig  # noqa: E402
-from pumer_plug.baselines.tome import TomeConfig  # noqa: E402
-
-__all__ = [
-    "MethodConfig", "PumerConfig", "TomeConfig", "DynamicViTConfig", "SmResConfig", "FastVConfig", "RandomConfig",
-    "PoolConfig",
-    "ForwardState", "ReductionHandle", "ReductionMethod", "TokenCount", "Pumer",
-    "apply", "compile", "detect_adapter", "make_method", "list_adapters", "list_methods",
-]
+__all__ = [*_EXPORTS, "list_adapters", "list_methods"]

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
-
-import torch
 
 from pumer_plug.cli_parser import build_parser
 from pumer_plug.errors import UserError
@@ -46,13 +45,35 @@ def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict
     return {m: chosen.get(m) or task.default_config(m) for m in methods}
 
 
+def _output_folder(path: str | Path, option: str = "--output") -> Path:
+    """Creates the output folder ``path`` (and parents) before any work starts; a file there is refused.
+
+    Raises:
+        UserError: ``path`` is a file, or the folder cannot be created or written.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {path} is a file; {option} takes a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the {option} folder {path}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write into the {option} folder {path}")
+    return folder
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    import torch
+
     from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
-    from pumer_plug.evaluation.studies.report import format_references, format_table, write_results
+    from pumer_plug.evaluation.studies.report import (format_memory_note, format_references, format_table,
+                                                      write_results)
     from pumer_plug.evaluation.tasks import TaskOptions, get_task
 
     if args.find_batch_size and torch.device(args.device).type != "cuda":
         raise UserError(f"--find-batch-size needs a CUDA device, got --device {args.device}; pass --batch-size instead")
+    _output_folder(args.output)
     methods = _parse_methods(args.methods)
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, retrain=args.retrain))
     configs = _method_configs(methods, args.config or [], task)
@@ -60,40 +81,46 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = run_compare(task, specs, batch_size=None if args.find_batch_size else args.batch_size, device=args.device,
                        rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
                        predictions_dir=args.output if args.save_predictions else None)
-    print(format_table(rows))
     references = task.reference_accuracies()
+    print(format_table(rows, wide=args.wide, references=references))
     if references:
-        print(format_references(references))
+        print(format_references(references, rows))
     paths = write_results(rows, args.output, references)
-    print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} ({rows[0].get('memory_method')} peak memory)")
+    print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} (all columns)")
+    print(format_memory_note(rows))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.studies.bench import run_bench  # registers the bench models
-    from pumer_plug.evaluation.tasks import load_config
+    from pumer_plug.evaluation.studies.bench import run_bench, setup_config
+    from pumer_plug.evaluation.tasks import check_methods_fit, load_config
     from pumer_plug.registry import BENCH_MODELS
 
+    output = _output_folder(args.output) if args.output else None
     make_setup = BENCH_MODELS.get(args.model)
+    config = load_config(args.method, args.config) if args.config else None
     setup = make_setup(batch_size=args.batch_size) if args.batch_size else make_setup()
-    if args.config:
-        setup.config = load_config(args.method, args.config)
-    elif args.method != "pumer":
-        setup.config = load_config(args.method, None)
+    setup.config = config if config is not None else setup_config(setup, args.method)
+    try:
+        check_methods_fit(setup.model, setup.adapter, [(args.method, setup.config)])
+    except UserError as error:
+        hint = "" if args.config else f"; pass --config with a {args.method} config that fits {args.model}"
+        raise UserError(f"{error}{hint}") from None
     result = run_bench(setup, method=args.method, rounds=args.rounds, device=args.device, dtype=args.dtype,
                        train_memory=args.train_memory)
     keys = ("benchmark", "config", "device", "dtype", "dense_throughput_per_s", "reduced_throughput_per_s", "throughput_increase",
-            "dense_gflops_per_example", "reduced_gflops_per_example", "flops_ratio", "reducer_time_share")
+            "dense_gflops_per_example", "reduced_gflops_per_example", "flops_ratio")
     if args.train_memory:
         keys += ("dense_peak_memory_mib", "reduced_peak_memory_mib", "memory_reduction", "dense_train_peak_memory_mib",
                  "reduced_train_peak_memory_mib", "train_memory_reduction")
     for key in keys:
         value = result[key]
         print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "a") as f:
+    print(f"{'reducer time share':28s} {100 * result['reducer_time_share']:.1f}% of the plugged forward's wall time")
+    if output is not None:
+        with open(output / "bench.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
+        print(f"written: {output / 'bench.jsonl'}")
     return 0
 
 
@@ -124,19 +151,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from pumer_plug import PumerConfig, list_adapters, list_methods
-    from pumer_plug.evaluation.studies import bench  # noqa: F401  (registers the bench models)
-    from pumer_plug.evaluation.tasks import TASKS
-    from pumer_plug.registry import BENCH_MODELS
+def _first_line(obj: Any) -> str:
+    return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
 
-    print("methods: ", ", ".join(list_methods()))
-    print("adapters:", ", ".join(list_adapters()))
-    print("tasks:   ", ", ".join(TASKS.list()))
-    print("bench models:", ", ".join(BENCH_MODELS.list()))
-    print("PuMer presets:")
-    for name in PumerConfig.list_presets():
-        print(f"  {name:16s} {PumerConfig.preset(name).describe():40s} source: {PumerConfig.PRESET_SOURCES[name]}")
+
+def _field_text(field: Any) -> str:
+    import dataclasses
+
+    if field.default is not dataclasses.MISSING:
+        return f"{field.name}={field.default!r}"
+    if field.default_factory is not dataclasses.MISSING:
+        return f"{field.name}={field.default_factory()!r}"
+    return field.name
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pumer_plug.registry import ADAPTERS, BENCH_MODELS, METHODS, TASKS
+
+    print("methods (config fields with defaults; presets):")
+    for name, method in METHODS.items():
+        config_cls = method.config_class
+        print(f"  {name}: {config_cls.__name__}")
+        if dataclasses.is_dataclass(config_cls):
+            print(f"    fields:  {', '.join(_field_text(f) for f in dataclasses.fields(config_cls))}")
+        presets = getattr(config_cls, "PRESETS", {})  # only some configs have presets
+        sources = getattr(config_cls, "PRESET_SOURCES", {})
+        for preset in sorted(presets):
+            source = f"  ({sources[preset]})" if preset in sources else ""
+            print(f"    preset {preset:16s} {config_cls.preset(preset).describe()}{source}")
+    print("adapters (pumer_plug.apply(model, adapter=NAME); 'auto' picks one):")
+    for name, adapter in ADAPTERS.items():
+        print(f"  {name:16s} {_first_line(adapter)}")
+    print("tasks (compare/sweep/finetune --task NAME):")
+    for name, task in TASKS.items():
+        print(f"  {name:16s} {_first_line(task)}")
+    print("bench model setups (bench --model NAME):")
+    for name, make_setup in BENCH_MODELS.items():
+        print(f"  {name:16s} {_first_line(make_setup)}")
     return 0
 
 
@@ -163,8 +216,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if method == "none" and args.config:
         raise UserError("--config needs a reduction --method (the dense model has no config)")
     config = _finetune_config(args, method=method, method_config=args.config, checkpoint_every=args.checkpoint_every)
+    output = _output_folder(args.output or f"results/finetune/{method}")
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir))
-    output = Path(args.output or f"results/finetune/{method}")
     result = finetune(task, config, output, resume=args.resume, device=args.device)
     initial = result.initial_val_accuracy
     print(f"finetuned {method} for {result.epochs_run} epoch(s), {result.steps} steps, {result.seconds:.0f} s"
@@ -189,6 +242,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for point in grid.points:
             print(f"{point.method:11s} {point.label:40s} {point.key(finetune_base)}")
         return 0
+    _output_folder(output)
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
     results = output / "results.jsonl"
     records = run_sweep(task, grid.points, results, name=grid.name, finetune_base=finetune_base,
@@ -215,6 +269,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from pumer_plug.evaluation.studies.plot import plot_results
 
     annotate = {"auto": None, "yes": True, "no": False}[args.annotate]
+    if args.output:
+        _output_folder(args.output)
     paths = plot_results(args.results, args.output, title=args.title, annotate=annotate)
     print("written:", ", ".join(str(p) for p in paths.values()))
     return 0
@@ -241,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     if args.num_threads:
+        import torch  # only here and in the commands: `--help` starts without torch
+
         torch.set_num_threads(args.num_threads)
     old_show_warning = warnings.showwarning
     warnings.showwarning = _one_line_warnings(old_show_warning)

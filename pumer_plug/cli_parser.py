@@ -1,5 +1,8 @@
 """The ``pumer-plug`` command line: argument types, options and one parser per command.
 
+Importing this module (and building the parser) imports neither torch nor transformers, so
+``pumer-plug --help`` answers at once; the command functions import what they need.
+
 :func:`build_parser` takes the command functions (``pumer_plug.cli``) so that each subcommand
 calls its own; argument errors are one line (the usage block stays behind ``--help``).
 """
@@ -7,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 from typing import Any, Callable
-
-import torch
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -36,6 +37,8 @@ _positive_float = _number(float, 0.0, True, "a finite number > 0")
 
 
 def _device(text: str) -> str:
+    import torch  # here, not at the top: `--help` and `list` must start without torch
+
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -87,6 +90,8 @@ def _compare_parser(sub: Any, run: Command) -> None:
     p.add_argument("--timing-batches", type=_positive_int, default=4, help="test batches per timed round (default: 4)")
     p.add_argument("--output", default="results/compare",
                    help="output folder (default: results/compare); results.jsonl is appended to, results.md rewritten")
+    p.add_argument("--wide", action="store_true",
+                   help="print every column and the full config descriptions (default: a table that fits 120 columns)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     p.add_argument("--retrain", action="store_true", help="retrain the built-in model even if a cached one exists")
     _add_common(p)
@@ -98,10 +103,11 @@ def _bench_parser(sub: Any, run: Command) -> None:
                        description="Dense vs. plugged throughput (interleaved), FLOPs ratio and the reducers' time share.")
     p.add_argument("--model", default="vilt-b32", help="benchmark setup (default: vilt-b32)")
     p.add_argument("--method", default="pumer", help="reduction method (default: pumer)")
-    p.add_argument("--config", default=None, help="preset name or JSON/YAML file (default: the setup's config)")
+    p.add_argument("--config", default=None, help="preset name or JSON/YAML file (default: the setup's config for the method)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the setup's)")
     p.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds; median reported (default: 5)")
-    p.add_argument("--output", default=None, help="append the result as a JSON line to this file")
+    p.add_argument("--output", default=None, metavar="FOLDER",
+                   help="append the result as a JSON line to FOLDER/bench.jsonl (default: print only)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="model and input dtype (default: float32)")
     p.add_argument("--train-memory", action="store_true",
                    help="also measure peak memory of inference and of one training step, dense and plugged")
@@ -111,7 +117,7 @@ def _bench_parser(sub: Any, run: Command) -> None:
 
 def _train_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it",
-                       description="Train the built-in digits-VQA ViLT from scratch (about 6 minutes on 2 CPU cores) and "
+                       description="Train the built-in digits-VQA ViLT from scratch (about 8 minutes on 2 idle CPU cores) and "
                                    "replace the cached model that compare, finetune and sweep use; prints its val "
                                    "accuracy per question type next to the majority-answer and question-only baselines.")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation and training data (default: 0)")
@@ -142,8 +148,8 @@ def _sweep_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("sweep", help="grid of methods x knobs: accuracy, throughput increase, memory, FLOPs per point",
                        description="Measure every point of a grid against the dense model (once per run) and append JSON "
                                    "lines; re-running skips finished points. Presets: figure5, table3, table4 "
-                                   "(the paper's studies scaled to the built-in 6-layer model). Grid file schema: "
-                                   "see pumer_plug.evaluation.studies.sweep.")
+                                   "(the paper's studies scaled to the built-in 6-layer model). Grid file format: "
+                                   "docs/grids.md, example docs/grids/example.yaml.")
     p.add_argument("--grid", required=True, metavar="PRESET_OR_FILE", help="figure5, table3, table4, or a YAML/JSON grid file")
     p.add_argument("--task", default="builtin", help="task name (default: builtin)")
     p.add_argument("--output", default=None, help="output folder (default: results/sweep/GRID, GRID-finetune with --finetune)")
@@ -190,7 +196,7 @@ def _gpu_check_parser(sub: Any, run: Command) -> None:
 
 
 def _list_parser(sub: Any, run: Command) -> None:
-    p = sub.add_parser("list", help="registered methods, adapters and presets")
+    p = sub.add_parser("list", help="methods (config fields, presets), adapters, tasks and bench model setups")
     p.set_defaults(func=run)
 
 

@@ -261,7 +261,10 @@ def config_from_mapping(config_cls: type, values: Any, source: str) -> Any:
     unknown = sorted(set(values) - set(config_cls.field_names()))
     if unknown:
         raise UserError(f"{source}: unknown {config_cls.__name__} field(s) {unknown}; fields: {sorted(config_cls.field_names())}")
-    return config_cls.from_dict(values)  # a value out of range raises naming Class.field (callers add the file)
+    try:
+        return config_cls.from_dict(values)
+    except (TypeError, ValueError) as err:  # a field's validation: name where the value came from
+        raise UserError(f"{source}: {err}") from None
 
 
 def read_config_file(path: Path) -> Any:
@@ -281,8 +284,18 @@ def read_config_file(path: Path) -> Any:
             return yaml.safe_load(text)
         return json.loads(text)
     except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot parse config file {path}: {first}") from None
+        raise UserError(f"cannot parse config file {path}: {parse_error_text(err)}") from None
+
+
+def parse_error_text(err: Exception) -> str:
+    """One line of a JSON or YAML parse error with its line and column (1-based)."""
+    mark = getattr(err, "problem_mark", None)  # yaml.MarkedYAMLError; JSONDecodeError has .lineno/.colno
+    if mark is not None:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if isinstance(err, json.JSONDecodeError):
+        return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def load_method_config(method: str, spec: Any = None) -> Any:

@@ -40,10 +40,10 @@ def test_find_batch_size_on_cpu_is_one_line_naming_the_need_for_cuda(capsys):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bench_runs_in_the_requested_dtype_and_records_device_and_dtype(dtype, tmp_path, capsys):
-    output = tmp_path / "bench.jsonl"
+    output = tmp_path / "out"
     argv = ["bench", "--model", TINY_BENCH, "--rounds", "1", "--device", "cpu", "--dtype", dtype, "--output", str(output)]
     assert main(argv) == 0
-    result = json.loads(output.read_text())
+    result = json.loads((output / "bench.jsonl").read_text())
     assert result["device"] == "cpu" and result["dtype"] == dtype
     assert result["reduced_gflops_per_example"] < result["dense_gflops_per_example"]
     out = capsys.readouterr().out.splitlines()
@@ -53,10 +53,10 @@ def test_bench_runs_in_the_requested_dtype_and_records_device_and_dtype(dtype, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_honours_a_cuda_device(tmp_path):
-    output = tmp_path / "bench.jsonl"
+    output = tmp_path / "out"
     assert main(["bench", "--model", TINY_BENCH, "--rounds", "1", "--device", "cuda", "--dtype", "float16",
                  "--output", str(output)]) == 0
-    result = json.loads(output.read_text())
+    result = json.loads((output / "bench.jsonl").read_text())
     assert result["device"].startswith("cuda") and result["dtype"] == "float16" and result["cuda_version"]
 
 

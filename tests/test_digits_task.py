@@ -143,6 +143,8 @@ def tiny_cache(tmp_path, monkeypatch):
     config = builtin.builtin_vilt_config
     monkeypatch.setattr(builtin, "train_builtin_model", _fake_trainer(calls))
     monkeypatch.setattr(builtin, "builtin_vilt_config", lambda vocab_size=None, **kw: config(vocab_size, **TINY))
+    monkeypatch.setattr(builtin, "recipe_differences", lambda metadata, seed=None: [])  # a tiny recipe
+    monkeypatch.setattr(builtin, "PACKAGED_MODEL_DIR", tmp_path / "not-packaged")
     monkeypatch.setenv(builtin.CACHE_ENV_VAR, str(tmp_path))
     return tmp_path, calls
 
@@ -216,3 +218,19 @@ def test_builtin_task_reports_trivial_predictors_on_its_test_split(tiny_cache):
     references = get_task("builtin", TaskOptions(num_test_examples=500)).reference_accuracies()
     assert set(references) == {"majority answer", "question-only prior"}
     assert 0.1 < references["majority answer"] < references["question-only prior"] < 0.45
+
+
+def test_training_shows_one_progress_bar_per_stage(tmp_path, capsys):
+    """Stages differ in cost per step, so one bar over all steps would give a wrong ETA (issue 17)."""
+    builtin.train_builtin_model(tmp_path, curriculum=(Stage(1, 1, 1), Stage(4, 2, 2)), batch_size=4,
+                                progress=True, num_val_examples=8, **TINY)
+    err = capsys.readouterr().err
+    assert re.search(r"stage 1/2 \(48 px\): 100%\|.*\| 1/1 ", err)  # each bar counts its own stage's steps
+    assert re.search(r"stage 2/2 \(192 px\): 100%\|.*\| 2/2 ", err)
+
+
+def test_first_use_training_ends_with_val_accuracy_and_folder(tiny_cache, capsys):
+    root, _ = tiny_cache
+    builtin.load_builtin_model(progress=True)
+    err = capsys.readouterr().err
+    assert "no packaged model in" in err and "val accuracy" in err and f"stored in {root / builtin.BUILTIN_NAME}" in err

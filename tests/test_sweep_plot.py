@@ -6,6 +6,7 @@ import json
 import pytest
 
 from pumer_plug.cli import main
+from pumer_plug.errors import UserError
 from pumer_plug.evaluation.studies.plot import pareto_front, plot_results
 from pumer_plug.evaluation.studies.sweep import PRESETS, load_grid, parse_grid, read_records, run_sweep
 from tests.test_finetune import TinyTask
@@ -32,21 +33,39 @@ def test_rerunning_skips_finished_points_and_measures_only_new_ones(tmp_path):
     assert len(read_records(results)) == 5
 
 
-def test_a_failing_point_records_its_error_and_the_sweep_goes_on(tmp_path):
-    points = pumer_grid(0.1, layers=(5,)) + pumer_grid(0.1)  # layer 5 is beyond the tiny model's 2 layers
+def test_a_config_beyond_the_model_stops_the_sweep_before_anything_is_measured(tmp_path):
+    points = pumer_grid(0.1) + pumer_grid(0.1, layers=(5,))  # layer 5 is beyond the tiny model's 2 layers
+    with pytest.raises(UserError, match="beyond .* nothing was evaluated"):
+        run_sweep(TinyTask(), points, tmp_path / "results.jsonl", **FAST)
+    assert not (tmp_path / "results.jsonl").exists() or (tmp_path / "results.jsonl").read_text() == ""
+
+
+def test_a_failing_point_records_its_error_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from pumer_plug.evaluation.studies import sweep
+
+    measure, calls = sweep._measure_point, []
+
+    def fails_first(ref, point, *args):
+        calls.append(point)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return measure(ref, point, *args)
+
+    monkeypatch.setattr(sweep, "_measure_point", fails_first)
+    points = pumer_grid(0.1, layers=(1,)) + pumer_grid(0.1)
     records = run_sweep(TinyTask(), points, tmp_path / "results.jsonl", **FAST)
     failed, ok = records[1], records[2]
-    assert failed["status"] == "error" and "ValueError" in failed["error"] and "beyond" in failed["error"]
+    assert failed["status"] == "error" and "RuntimeError" in failed["error"] and "simulated" in failed["error"]
     assert ok["status"] == "ok" and ok["accuracy"] is not None
     retried = run_sweep(TinyTask(), points, tmp_path / "results.jsonl", **FAST)  # failed points are retried
-    assert [r["status"] for r in retried] == ["ok", "error"]
+    assert [r["status"] for r in retried] == ["ok", "ok"]
 
 
 @pytest.mark.parametrize("text, expected", [
     ("points:\n  - method: nosuch\n", "points[0]: unknown method 'nosuch'"),
     ("points:\n  - method: pumer\n    vary: {prune_ratio: 0.1}\n", "points[0]: 'vary' must map"),
     ("points:\n  - method: pumer\n    vary: {prune_ration: [0.1]}\n", "points[0]: pumer config: unknown PumerConfig field(s) ['prune_ration']"),
-    ("points:\n  - method: pumer\n    base: {prune_ratio: 1.5}\n", "points[0]: PumerConfig.prune_ratio must be in [0, 1)"),
+    ("points:\n  - method: pumer\n    base: {prune_ratio: 1.5}\n", "points[0]: pumer config: PumerConfig.prune_ratio must be in [0, 1)"),
     ("points:\n  - method: pumer\n    finetune: {epochs: 0}\n", "points[0]: FinetuneConfig.epochs must be an int >= 1"),
     ("points: [\n", "cannot parse config file"),
     ("name: x\n", "expected a mapping with a non-empty 'points' list"),
@@ -91,22 +110,33 @@ def _record(key, method, label, accuracy, increase, **extra):
             "gflops_per_example": 1.0 / increase, "task": "tiny", "rounds": 1, "mode": "plug", **extra}
 
 
-def test_plot_writes_the_figure_and_both_tables(tmp_path):
+def _plotted(tmp_path, sweep):
     pumer = {"reduction_layers": [1, 2], "prune_ratio": 0.1, "image_merge_ratio": 0.3, "text_merge_ratio": 0.2}
     records = [_record("dense", "dense", "dense", 0.80, 1.0),
                _record("p1", "pumer", "PuMer", 0.79, 1.7, config=pumer, group="ratios"),
                _record("p2", "pumer", "PuMer k=0.3", 0.75, 2.1, config={**pumer, "prune_ratio": 0.3}, group="ratios"),
                _record("t1", "tome", "ToMe r=8", 0.70, 1.5, config={"r": 8}),
                {"key": "t2", "status": "error", "method": "tome", "label": "broken", "error": "ValueError: x"}]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     results = tmp_path / "results.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    paths = plot_results(results)
-    assert {"png", "svg", "table3", "table4"} <= set(paths)
+    results.write_text("".join(json.dumps({**r, "sweep": sweep}) + "\n" for r in records))
+    return plot_results(results)
+
+
+def test_plot_writes_the_figure_and_the_table_of_its_grid(tmp_path):
+    paths = _plotted(tmp_path / "t3", "table3")
+    assert set(paths) == {"png", "svg", "table3"}
     assert paths["png"].stat().st_size > 10_000 and paths["svg"].read_text().startswith("<?xml")
     table3 = paths["table3"].read_text()
     assert "| PuMer " in table3 and "79.00 (-1.00)" in table3 and "broken" not in table3
-    table4 = paths["table4"].read_text()
+    table4 = _plotted(tmp_path / "t4", "table4")["table4"].read_text()
     assert "Reduction Layers" in table4 and "| ratios " in table4 and "ToMe" not in table4
+
+
+def test_a_custom_grid_writes_a_plain_table_not_the_papers(tmp_path):
+    paths = _plotted(tmp_path, "my-grid")
+    assert set(paths) == {"png", "svg", "table"} and not (tmp_path / "table4.md").exists()
+    assert "| ToMe r=8 " in paths["table"].read_text() and "Choice" not in paths["table"].read_text()
 
 
 @pytest.mark.parametrize("command", ["finetune", "sweep", "plot"])
@@ -170,3 +200,13 @@ def test_our_warnings_print_as_one_line_during_a_command(capsys, monkeypatch):
 def test_default_labels_name_the_method_once():
     grid = parse_grid({"points": [{"method": "tome", "vary": {"r": [12]}}, {"method": "pumer", "base": "vilt-ve"}]}, "test")
     assert [p.label for p in grid.points] == ["ToMe r=12", "PuMer layers=2,4,6,8 k=0.1 r=0.3 t=0.2"]
+
+
+def test_the_documented_example_grid_loads():
+    from pathlib import Path
+
+    from pumer_plug.evaluation.studies.sweep import load_grid
+
+    grid = load_grid(str(Path(__file__).resolve().parents[1] / "docs" / "grids" / "example.yaml"))
+    assert grid.name == "example" and len(grid.points) == 8
+    assert {p.method for p in grid.points} == {"pumer", "dynamicvit", "smres"}

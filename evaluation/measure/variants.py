@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -96,3 +96,22 @@ def inference(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+
+
+def counting_attaches(variants: Sequence[Variant], tick: Callable[[], Any]) -> list[Variant]:
+    """``variants`` whose attach calls ``tick()`` first (once per variant and timed round: a progress
+    bar for ``measure_throughput``; attaching is outside the timed region)."""
+    def counting(attach: AttachFn | None) -> AttachFn:
+        def attach_and_tick(model: nn.Module) -> Any:
+            tick()
+            return attach(model) if attach is not None else _NoHandle()
+        return attach_and_tick
+
+    return [Variant(v.name, v.config, counting(v.attach)) for v in variants]
+
+
+class _NoHandle:
+    """The handle of the dense variant: nothing to remove."""
+
+    def remove(self) -> None:
+        pass

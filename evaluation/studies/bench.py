@@ -9,21 +9,29 @@ only accuracy needs a trained model (``pumer-plug compare``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from pumer_plug.evaluation.measure import (DTYPES, Variant, environment_record, measure_flops, measure_peak_memory,
                                            measure_throughput, measure_train_step_memory, to_device)
+from pumer_plug.evaluation.measure.variants import counting_attaches
 from pumer_plug.handle import apply
 from pumer_plug.registry import BENCH_MODELS
 
 
 @dataclass
 class BenchSetup:
-    """A model, one input batch, and the method config the issue's benchmark prescribes."""
+    """A model, one input batch, and the method config the issue's benchmark prescribes.
+
+    Attributes:
+        config: PuMer's config for this setup.
+        method_configs: configs of other methods that this setup needs instead of their defaults
+            (e.g. a DynamicViT with stages inside a 6-layer model); see :func:`setup_config`.
+    """
 
     model: nn.Module
     batch: dict[str, torch.Tensor]
@@ -31,6 +39,25 @@ class BenchSetup:
     config: Any
     description: str
     attention: str = "eager"  # the backbone's attention kernel, recorded with the result ("eager" | "sdpa")
+    method_configs: dict[str, Any] = field(default_factory=dict)
+
+
+def setup_config(setup: BenchSetup, method: str) -> Any:
+    """The config ``method`` runs with on ``setup``: PuMer's setup config, the setup's own config for
+    the method, else the method's default config."""
+    from pumer_plug.config import load_method_config
+
+    if method == "pumer":
+        return setup.config
+    return setup.method_configs.get(method) or load_method_config(method, None)
+
+
+def _six_layer_configs() -> dict[str, Any]:
+    """Configs for a backbone with 6 reducible (cross-modal) layers: DynamicViT's stages at layers
+    3, 6, 9 of 12 scaled to 6 layers, as for the built-in 6-layer model."""
+    from pumer_plug.baselines.dynamicvit import DynamicViTConfig
+
+    return {"dynamicvit": DynamicViTConfig(reduction_layers=(1, 3, 4), keep_ratio=0.7)}
 
 
 @BENCH_MODELS.register("vilt-b32")
@@ -72,7 +99,7 @@ def reducer_time_share(model: nn.Module, batch: dict, attach: Callable, forwards
 
 def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup: int = 1,
               num_threads: int | None = None, device: str = "cpu", dtype: str = "float32",
-              train_memory: bool = False) -> dict[str, Any]:
+              train_memory: bool = False, progress: bool = True) -> dict[str, Any]:
     """Times dense vs. plugged interleaved, counts FLOPs and the reducers' time share.
 
     Args:
@@ -80,6 +107,7 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
         dtype: one of ``measure.DTYPES``; the model and the batch's float tensors are cast to it.
         train_memory: also measure peak memory, of inference and of one training step (forward +
             backward with the method attached), dense and plugged.
+        progress: show a progress bar over the timed passes.
 
     Returns:
         A JSON-ready dict with ``throughput_increase``, ``flops_ratio``, ``reducer_time_share``,
@@ -94,7 +122,10 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
         return apply(m, adapter=setup.adapter, config=setup.config, method=method)
 
     variants = [Variant("dense", "-", None), Variant(method, setup.config.describe(), attach)]
-    speed = measure_throughput(model, [batch], variants, rounds=rounds, warmup=warmup, device=dev)
+    with tqdm(total=(warmup + rounds) * len(variants), desc=f"timing ({rounds} rounds + {warmup} warm-up, interleaved)",
+              unit="pass", disable=not progress) as bar:
+        speed = measure_throughput(model, [batch], counting_attaches(variants, bar.update), rounds=rounds,
+                                   warmup=warmup, device=dev)
     dense_gflops = measure_flops(model, batch)
     reduced_gflops = measure_flops(model, batch, attach)
     with attach(model) as handle, torch.inference_mode():
@@ -160,7 +191,8 @@ def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384, a
     batch = _random_batch(batch_size, text_len, image_size)
     desc = (f"METER-CLIP16-RoBERTa base (default MeterConfig, {attn_implementation} attention), batch {batch_size}, "
             f"{text_len} text tokens, {image_size}x{image_size} images")
-    return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc, model.config.attn_implementation)
+    return BenchSetup(model, batch, "meter", PumerConfig.preset("meter-vqa"), desc,
+                      attention=model.config.attn_implementation, method_configs=_six_layer_configs())
 
 
 @BENCH_MODELS.register("meter-base-eager")
@@ -183,4 +215,4 @@ def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     size = config.vision_config.image_size
     batch = _random_batch(batch_size, text_len, size)
     desc = f"BridgeTower base (default BridgeTowerConfig), batch {batch_size}, {text_len} text tokens, {size}x{size} images"
-    return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc)
+    return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc, _six_layer_configs())

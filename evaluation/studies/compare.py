@@ -21,7 +21,9 @@ from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environmen
                                            measure_flops, measure_peak_memory, measure_throughput,
                                            measure_train_step_memory, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.tasks.base import Task, attach_method, on_device
+from pumer_plug.evaluation.measure.variants import batch_size_of, counting_attaches
+from pumer_plug.evaluation.tasks.base import Task, attach_method, check_methods_fit, on_device
+
 
 @dataclass
 class MethodSpec:
@@ -92,22 +94,33 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     if batch_size is None and dev.type != "cuda":
         raise UserError(f"--find-batch-size needs a CUDA device, got {dev}; pass --batch-size instead")
     model = load_model(task, dev, cast)
+    check_methods_fit(model, task.adapter, [(spec.method, spec.config) for spec in specs])
     if batch_size is None:
         batch_size = largest_batch_size(task, model, dev, cast)
     test = on_device(task.batches("test", batch_size), dev, cast)
     variants = make_variants(task, specs)
     accuracy = {}
-    for variant in tqdm(variants, desc="accuracy", disable=not progress):
-        with attached(model, variant.attach):
-            predictions = task.predictions(model, test)
-        accuracy[variant.name] = task.metrics(predictions)[task.metric]
-        if predictions_dir is not None:
-            Path(predictions_dir).mkdir(parents=True, exist_ok=True)
-            task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
+    with tqdm(desc="accuracy", unit="ex", disable=not progress) as bar:  # counts examples of every variant
+        for k, variant in enumerate(variants):
+            bar.set_postfix_str(variant.name)
+            with attached(model, variant.attach):
+                predictions = task.predictions(model, _counted(test, bar))
+            if k == 0:  # the number of test examples is known after the first pass
+                bar.total = bar.n * len(variants)
+                bar.refresh()
+            accuracy[variant.name] = task.metrics(predictions)[task.metric]
+            if predictions_dir is not None:
+                Path(predictions_dir).mkdir(parents=True, exist_ok=True)
+                task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
     timing = [x for x, _ in itertools.islice(test, timing_batches)]
-    throughput = measure_throughput(model, timing, variants, rounds=rounds, warmup=1, device=dev)
-    memory = {v.name: measure_peak_memory(model, timing[0], v.attach, device=dev) for v in variants}
-    gflops = {v.name: measure_flops(model, timing[0], v.attach, device=dev) for v in variants}
+    with tqdm(total=(1 + rounds) * len(variants), desc=f"timing ({rounds} rounds + 1 warm-up, variants interleaved)",
+              unit="pass", disable=not progress) as bar:
+        throughput = measure_throughput(model, timing, counting_attaches(variants, bar.update), rounds=rounds,
+                                        warmup=1, device=dev)
+    memory, gflops = {}, {}
+    for v in tqdm(variants, desc="memory and FLOPs", unit="variant", disable=not progress):
+        memory[v.name] = measure_peak_memory(model, timing[0], v.attach, device=dev)
+        gflops[v.name] = measure_flops(model, timing[0], v.attach, device=dev)
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
     env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
     rows = compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
@@ -127,4 +140,11 @@ def add_train_memory(rows: list[dict[str, Any]], results: dict[str, Any], baseli
         row["train_peak_memory_mib"] = result.peak_memory_mib
         row["train_activation_memory_mib"] = result.activation_memory_mib
         row["train_memory_reduction"] = base / result.peak_memory_mib if result.peak_memory_mib else None
+
+
+def _counted(batches: Any, bar: tqdm) -> Any:
+    """``batches``, advancing ``bar`` by each batch's number of examples."""
+    for inputs, targets in batches:
+        yield inputs, targets
+        bar.update(batch_size_of(inputs))
 

@@ -6,9 +6,10 @@ From the ``results.jsonl`` of ``pumer-plug sweep`` it writes, next to each other
   increase (x), one line per series (method) through its points sorted by throughput, the Pareto
   front over all points (the dense model included) marked, and the dense model as the reference
   point at 1x with a dotted line at its accuracy.
-- ``table3.md`` (PuMer Table 3 layout): one row per point label: accuracy (change in points),
+- ``table3.md`` (PuMer Table 3 layout, grid ``table3`` only; ``table.md`` for any other grid): one
+  row per point label: accuracy (change in points),
   throughput increase, memory reduction, GFLOPs per example.
-- ``table4.md`` (PuMer Table 4 layout): PuMer points with their reduction layers and ratios.
+- ``table4.md`` (PuMer Table 4 layout, grid ``table4`` only): PuMer points with their reduction layers and ratios.
 
 Only finished points are drawn; when a key was measured more than once, the latest record counts.
 Each point's ratios are taken against the dense model of its own run.
@@ -186,10 +187,16 @@ def plot_results(results_path: str | Path, output_dir: str | Path | None = None,
     output.mkdir(parents=True, exist_ok=True)
     paths = plot_tradeoff(dense, points, output / "tradeoff", title=title, annotate=annotate)
     caption = _caption(dense, points)
-    paths["table3"] = output / "table3.md"
-    paths["table3"].write_text(f"# Ablation (PuMer Table 3 layout)\n\n{table3(dense, points)}\n\n{caption}\n")
-    four = table4(dense, points)
-    if four is not None:
-        paths["table4"] = output / "table4.md"
-        paths["table4"].write_text(f"# Design choices (PuMer Table 4 layout)\n\n{four}\n\n{caption}\n")
+    grids = {r.get("sweep") for r in points}
+    if grids == {"table4"}:  # the Table 4 layout needs the preset's "Choice" groups
+        four = table4(dense, points)
+        if four is not None:
+            paths["table4"] = output / "table4.md"
+            paths["table4"].write_text(f"# Design choices (PuMer Table 4 layout)\n\n{four}\n\n{caption}\n")
+    elif grids == {"table3"}:
+        paths["table3"] = output / "table3.md"
+        paths["table3"].write_text(f"# Ablation (PuMer Table 3 layout)\n\n{table3(dense, points)}\n\n{caption}\n")
+    else:  # figure5 or a custom grid: one row per point label
+        paths["table"] = output / "table.md"
+        paths["table"].write_text(f"# Results of {', '.join(sorted(map(str, grids)))}\n\n{table3(dense, points)}\n\n{caption}\n")
     return paths

@@ -19,24 +19,39 @@ from typing import Any, Mapping, Sequence
 
 from tabulate import tabulate
 
-from pumer_plug.evaluation.measure import MEMORY_METHODS, MemoryResult, ThroughputResult
+from pumer_plug.evaluation.measure import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, MEMORY_METHODS, MemoryResult,
+                                           ThroughputResult)
 
-# Printed header -> row key, in the printed order.
+# Printed header -> row key, in the printed order; the default table fits 120 columns.
 TABLE_COLUMNS: dict[str, str] = {
     "method": "method",
     "config": "config",
-    "accuracy": "accuracy",
-    "accuracy change": "accuracy_change_points",
-    "throughput (examples/s)": "throughput_per_s",
-    "throughput increase": "throughput_increase",
-    "peak memory (MiB)": "peak_memory_mib",
-    "memory reduction": "memory_reduction",
-    "GFLOPs per example": "gflops_per_example",
+    "acc": "accuracy",
+    "Δacc": "accuracy_change_points",
+    "ex/s": "throughput_per_s",
+    "speed-up": "throughput_increase",
+    "mem MiB": "peak_memory_mib",
+    "GFLOPs": "gflops_per_example",
+}
+# Added by ``--wide`` (and in results.md).
+WIDE_COLUMNS: dict[str, str] = {
+    **TABLE_COLUMNS,
+    "mem reduction": "memory_reduction",
+    "latency ms": "latency_ms",
+    "activations MiB": "activation_memory_mib",
+}
+MAX_CONFIG_CHARS = 40  # a longer config description is shortened in the default table
+# What each memory method measured, in plain words (the method's name stays in the JSON).
+MEMORY_IN_WORDS = {
+    CPU_MEMORY_METHOD: "peak memory = weights + inputs + the most tensor memory alive at once during one forward, "
+                       "counted by PyTorch (not the process's resident memory)",
+    CUDA_MEMORY_METHOD: "peak memory = the most CUDA memory allocated during one forward (weights, inputs, "
+                        "activations; torch.cuda.max_memory_allocated)",
 }
 # Row keys kept in JSON only.
 EXTRA_KEYS = ("baseline", "latency_ms", "throughput_per_s_rounds", "activation_memory_mib",
               "memory_method")
-MEASUREMENT_KEYS = frozenset(TABLE_COLUMNS.values()) | frozenset(EXTRA_KEYS)
+MEASUREMENT_KEYS = frozenset(WIDE_COLUMNS.values()) | frozenset(EXTRA_KEYS)
 
 
 def _throughput_fields(value: ThroughputResult | float | None) -> dict[str, Any]:
@@ -145,14 +160,49 @@ def _format_cell(key: str, value: Any) -> str:
         "peak_memory_mib": lambda v: f"{v:.1f}",
         "memory_reduction": lambda v: f"{v:.2f}x",
         "gflops_per_example": lambda v: f"{v:.3g}",
+        "latency_ms": lambda v: f"{v:.1f}",
+        "activation_memory_mib": lambda v: f"{v:.1f}",
     }
     return formats.get(key, str)(value)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], tablefmt: str = "github") -> str:
-    """Returns the rows as a table with exactly the ``TABLE_COLUMNS`` headers (via tabulate)."""
-    body = [[_format_cell(key, row.get(key)) for key in TABLE_COLUMNS.values()] for row in rows]
-    return tabulate(body, headers=list(TABLE_COLUMNS), tablefmt=tablefmt, disable_numparse=True)
+def _shorten(text: str, limit: int = MAX_CONFIG_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def below_references(rows: Sequence[Mapping[str, Any]], references: Mapping[str, float] | None) -> list[str]:
+    """Returns the methods whose accuracy lies below the task's highest reference accuracy."""
+    if not references:
+        return []
+    floor = max(references.values())
+    return [row["method"] for row in rows if row.get("accuracy") is not None and row["accuracy"] < floor]
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], tablefmt: str = "github", wide: bool = False,
+                 references: Mapping[str, float] | None = None) -> str:
+    """Returns the rows as a table with the ``TABLE_COLUMNS`` headers (``WIDE_COLUMNS`` if ``wide``).
+
+    The default table fits 120 columns: short headers, config descriptions cut at
+    ``MAX_CONFIG_CHARS``. An accuracy below the highest of ``references`` (trivial predictors such
+    as the question-only prior) is marked with ``!``; :func:`format_references` explains the mark.
+    """
+    columns = WIDE_COLUMNS if wide else TABLE_COLUMNS
+    flagged = set(below_references(rows, references))
+    body = []
+    for row in rows:
+        cells = [_format_cell(key, row.get(key)) for key in columns.values()]
+        if not wide:
+            cells[1] = _shorten(cells[1])
+        if row["method"] in flagged:
+            cells[2] += " !"
+        body.append(cells)
+    return tabulate(body, headers=list(columns), tablefmt=tablefmt, disable_numparse=True)
+
+
+def format_memory_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per memory method of the rows: what "mem MiB" measured, in plain words."""
+    methods = sorted({row.get("memory_method") for row in rows if row.get("memory_method")})
+    return "\n".join(MEMORY_IN_WORDS.get(m, f"peak memory measured by {m}") for m in methods)
 
 
 def environment_of(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,24 +218,30 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def format_references(references: Mapping[str, float]) -> str:
-    """One line naming the task's reference accuracies, e.g. ``majority answer 18.0%``."""
-    return "reference points on the same examples: " + ", ".join(
+def format_references(references: Mapping[str, float], rows: Sequence[Mapping[str, Any]] = ()) -> str:
+    """One line naming the task's reference accuracies, e.g. ``majority answer 18.0%``; if any of
+    ``rows`` lies below the highest, a second line names them (they are marked ``!`` in the table)."""
+    line = "reference points on the same examples: " + ", ".join(
         f"{name} {100 * value:.1f}%" for name, value in references.items())
+    below = below_references(rows, references)
+    if below:
+        best = max(references, key=references.get)
+        line += f"\n! below the {best} ({100 * references[best]:.1f}%), i.e. worse than ignoring the image: {', '.join(below)}"
+    return line
 
 
 def _markdown(rows: Sequence[Mapping[str, Any]], references: Mapping[str, float] | None = None) -> str:
-    lines = ["# Results", "", format_table(rows), "",
+    lines = ["# Results", "", format_table(rows, wide=True, references=references), "",
              "Accuracy change is in percentage points; ratios are against the "
              f"`{rows[0].get('baseline')}` row of the same run."]
     if references:
-        line = format_references(references)
+        line = format_references(references, rows)
         lines += ["", line[0].upper() + line[1:] + "."]
     lines += ["", "## Environment", ""]
     lines += [f"- {key}: {value}" for key, value in environment_of(rows[0]).items()]
     methods = sorted({row.get("memory_method") for row in rows if row.get("memory_method")})
     lines += ["", "## Memory method", ""]
-    lines += [f"- `{m}`: {MEMORY_METHODS.get(m, '(undocumented)')}" for m in methods] or ["- none"]
+    lines += [f"- `{m}`: {MEMORY_IN_WORDS.get(m, '')}. {MEMORY_METHODS.get(m, '(undocumented)')}" for m in methods] or ["- none"]
     return "\n".join(lines) + "\n"
 
 

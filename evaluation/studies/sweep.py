@@ -11,7 +11,7 @@ ending the sweep. ``--finetune`` trains each point first (with distillation, see
 plug-and-play on the reference model with the same config (weights do not change the token
 counts, so they do not change the cost).
 
-Grid file (YAML or JSON)::
+Grid file (YAML or JSON; documented in ``docs/grids.md``, example ``docs/grids/example.yaml``)::
 
     name: my-grid                 # optional; default: the file name
     points:                       # blocks; each expands to configs x the cartesian product of vary
@@ -57,7 +57,7 @@ from pumer_plug.config import read_config_file
 from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_peak_memory, measure_throughput
 from pumer_plug.evaluation.studies.report import compare_rows
-from pumer_plug.evaluation.tasks.base import Task, load_config, on_device
+from pumer_plug.evaluation.tasks.base import Task, check_methods_fit, load_config, on_device
 from pumer_plug.evaluation.training.finetune import (FinetuneConfig, attach_finetuned, config_to_dict, finetune,
                                                      load_finetuned)
 from pumer_plug.handle import apply
@@ -265,9 +265,11 @@ class _Reference:
     gflops: float = 0.0
 
 
-def _reference(task: Task, batch_size: int, timing_batches: int, device: str) -> _Reference:
+def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
+               points: Sequence[SweepPoint] = ()) -> _Reference:
     dev = torch.device(device)
     model = task.load_model(dev).eval()
+    check_methods_fit(model, task.adapter, [(p.method, p.config) for p in points])  # before any evaluation
     test = on_device(task.batches("test", batch_size), dev, torch.float32)
     env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(), "eager")
     timing = [x for x, _ in itertools.islice(test, timing_batches)]
@@ -352,7 +354,7 @@ def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path
         return []
     run_id = time.strftime("%Y%m%d-%H%M%S")
     common = {"sweep": name, "run_id": run_id, "mode": "finetune" if finetune_base else "plug", "rounds": rounds, **settings}
-    ref = _reference(task, batch_size, timing_batches, device)
+    ref = _reference(task, batch_size, timing_batches, device, [p for p, _ in todo])
     written = [{**_dense_record(ref, rounds), **common, "key": "dense", "status": "ok", "label": "dense",
                 "labels": ["dense"], "series": "dense", "group": None, "config": None}]
     _append(path, written[0])

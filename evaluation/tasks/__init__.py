@@ -7,7 +7,8 @@ from __future__ import annotations
 from pumer_plug.registry import TASKS
 
 from . import builtin_task as _builtin_task  # noqa: F401  (registers "builtin")
-from .base import Batch, Predictions, Reiterable, Task, TaskOptions, attach_method, classification_accuracy, load_config, on_device
+from .base import (Batch, Predictions, Reiterable, Task, TaskOptions, attach_method, check_methods_fit,
+                   classification_accuracy, load_config, on_device)
 
 
 def get_task(name: str, options: TaskOptions | None = None) -> Task:
@@ -19,5 +20,5 @@ def get_task(name: str, options: TaskOptions | None = None) -> Task:
     return TASKS.get(name)(options)
 
 
-__all__ = ["TASKS", "Batch", "Predictions", "Reiterable", "Task", "TaskOptions", "attach_method", "classification_accuracy",
+__all__ = ["TASKS", "Batch", "Predictions", "Reiterable", "Task", "TaskOptions", "attach_method", "check_methods_fit", "classification_accuracy",
            "get_task", "load_config", "on_device"]

@@ -21,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,20 @@ def attach_method(model: nn.Module, adapter: str, method: str, config: Any) -> A
         return apply(model, adapter=adapter, config=config, method=method)
     except ValueError as error:
         raise UserError(f"{method} on this model: {error}") from error
+
+
+def check_methods_fit(model: nn.Module, adapter: str, methods: Iterable[tuple[str, Any]]) -> None:
+    """Attaches and removes every ``(method, config)`` once, so that a config which does not fit the
+    model (e.g. a reduction layer beyond its depth) fails before any evaluation starts.
+
+    Raises:
+        UserError: the first ``(method, config)`` that ``apply()`` refuses, naming the method and config.
+    """
+    for method, config in methods:
+        try:
+            attach_method(model, adapter, method, config).remove()
+        except UserError as error:
+            raise UserError(f"{error} (config: {config.describe()}); nothing was evaluated") from error
 
 
 class Task:

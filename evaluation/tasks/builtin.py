@@ -4,6 +4,9 @@
 defines it (``builtin_vilt_config``), trains it on this machine's CPU in a few minutes
 (``train_builtin_model``, recipe in :mod:`~pumer_plug.evaluation.tasks.builtin_training`), and keeps it
 in a cache that is validated before every use and written atomically (``load_builtin_model``).
+The package ships the model that ``pumer-plug train --seed 0`` produces (``PACKAGED_MODEL_DIR``);
+it is used when its record matches :func:`builtin_recipe` and its checksum holds, so a fresh
+install needs no training.
 
 Model: ``ViltForQuestionAnswering`` with 6 layers, C = 128, 4 heads, patch 16 on a 192 px
 one-channel canvas (144 image tokens + image CLS, <= 16 text tokens). Image position embeddings
@@ -23,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
+import importlib.resources
 import json
 import os
 import shutil
@@ -50,6 +54,9 @@ METADATA_FILE = "builtin.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 2  # 2: curriculum recipe
 DEFAULT_BATCH_SIZE = 64
+DEFAULT_LEARNING_RATE = 1e-3
+# The model `pumer-plug train --seed 0` wrote, shipped as package data (pyproject.toml).
+PACKAGED_MODEL_DIR = Path(str(importlib.resources.files("pumer_plug"))) / "data" / BUILTIN_NAME
 NUM_VAL_EXAMPLES = 1000
 NUM_TEST_EXAMPLES = 1000
 # Config fields that must match for a cached model to be trusted.
@@ -171,7 +178,7 @@ def _sha256(path: Path) -> str:
 
 def train_builtin_model(output_dir: str | Path, seed: int = 0, curriculum: tuple[Stage, ...] = CURRICULUM,
                         batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
-                        num_val_examples: int = NUM_VAL_EXAMPLES, learning_rate: float = 1e-3,
+                        num_val_examples: int = NUM_VAL_EXAMPLES, learning_rate: float = DEFAULT_LEARNING_RATE,
                         **config_kwargs) -> dict:
     """Trains the built-in model from scratch and saves it into ``output_dir``; returns its metadata.
 
@@ -223,6 +230,23 @@ def train_builtin_model(output_dir: str | Path, seed: int = 0, curriculum: tuple
     return metadata
 
 
+def builtin_recipe(seed: int = 0) -> dict:
+    """Returns the recipe fields a saved ``builtin.json`` must hold to be the default model of ``seed``.
+
+    These are the inputs of :func:`train_builtin_model` with its defaults; a change to any of them
+    makes every saved model (the packaged one included) stale until it is retrained.
+    """
+    return {"format_version": FORMAT_VERSION, "name": BUILTIN_NAME, "seed": seed,
+            "curriculum": [dataclasses.asdict(stage) for stage in CURRICULUM], "batch_size": DEFAULT_BATCH_SIZE,
+            "learning_rate": DEFAULT_LEARNING_RATE, "num_val_examples": NUM_VAL_EXAMPLES, "config_kwargs": {}}
+
+
+def recipe_differences(metadata: dict, seed: int | None = None) -> list[str]:
+    """Returns the recipe fields in which ``metadata`` differs from :func:`builtin_recipe` (seed: any if None)."""
+    expected = builtin_recipe(metadata.get("seed", 0) if seed is None else seed)
+    return [key for key, value in expected.items() if metadata.get(key) != value]
+
+
 def builtin_model_dir(cache_dir: str | Path | None = None) -> Path:
     """Returns where the built-in model is cached: ``<root>/builtin-digits-vqa``.
 
@@ -239,8 +263,8 @@ def _expected_config_fields() -> dict:
     return {k: config[k] for k in _CHECKED_CONFIG_FIELDS}
 
 
-def _load_checked(model_dir: Path) -> tuple[ViltForQuestionAnswering, Tokenizer]:
-    """Loads a cached model after checking metadata, checksum, config and tokenizer.
+def _load_checked(model_dir: Path, seed: int | None = None) -> tuple[ViltForQuestionAnswering, Tokenizer]:
+    """Loads a saved model after checking metadata, recipe (``seed``: any if None), checksum, config, tokenizer.
 
     Raises:
         ValueError, OSError: with a one-line reason when anything is missing or does not match.
@@ -248,6 +272,9 @@ def _load_checked(model_dir: Path) -> tuple[ViltForQuestionAnswering, Tokenizer]
     metadata = json.loads((model_dir / METADATA_FILE).read_text())
     if metadata.get("format_version") != FORMAT_VERSION or metadata.get("config_kwargs"):
         raise ValueError(f"metadata is not a default format-{FORMAT_VERSION} built-in model")
+    stale = recipe_differences(metadata, seed)
+    if stale:
+        raise ValueError(f"its record differs from the training recipe in the code in {stale}")
     if _sha256(model_dir / WEIGHTS_FILE) != metadata.get("weights_sha256"):
         raise ValueError(f"{WEIGHTS_FILE} does not match its recorded checksum")
     found = ViltConfig.from_pretrained(model_dir).to_dict()
@@ -282,19 +309,40 @@ def _train_into_cache(model_dir: Path, progress: bool, seed: int = 0) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+
+
+def _load_packaged(seed: int) -> tuple[tuple[ViltForQuestionAnswering, Tokenizer] | None, str]:
+    """Returns the packaged model (None if unusable) and, if unusable, why."""
+    if seed != 0:
+        return None, f"the package ships seed 0 only, seed {seed} was asked for"
+    if not (PACKAGED_MODEL_DIR / METADATA_FILE).exists():
+        return None, f"no packaged model in {PACKAGED_MODEL_DIR}"
+    try:
+        return _load_checked(PACKAGED_MODEL_DIR, seed=0), ""
+    except Exception as error:  # any defect means: do not trust, train
+        reason = f"packaged model {PACKAGED_MODEL_DIR} is unusable ({_reason(error)})"
+        warnings.warn(f"pumer-plug: {reason}; training it instead", stacklevel=3)
+        return None, reason
+
+
 def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = False, progress: bool = True,
                        seed: int = 0) -> tuple[ViltForQuestionAnswering, Tokenizer]:
     """Returns the built-in digits-VQA ViLT (eval mode) and its tokenizer, training it if needed.
 
-    The cache is used only if it passes every check (metadata, weights checksum, config, tokenizer,
-    weight names and shapes); otherwise a one-line warning says why and the model is retrained
-    (about 6 minutes on a 2-core CPU). Training writes a temporary directory that replaces the
-    cache only when complete, so an interrupted run leaves the old cache or none.
+    Sources, in order: the cache (a model ``pumer-plug train`` wrote), then the packaged model
+    (seed 0), then training into the cache. A saved model is used only if it passes every check
+    (recipe record, weights checksum, config, tokenizer, weight names and shapes); otherwise a
+    one-line warning says why and the next source is tried. Training (about 8 minutes on a 2-core
+    CPU) writes a temporary directory that replaces the cache only when complete, so an
+    interrupted run leaves the old cache or none; when it ends, its val accuracy and folder are
+    printed (with ``progress``).
 
     Args:
         cache_dir: root of the pumer-plug cache; see :func:`builtin_model_dir`.
-        retrain: train even if a valid cache exists.
-        progress: show a progress bar while training.
+        retrain: train even if a valid cache or packaged model exists.
+        progress: show progress bars and the result while training.
         seed: seed of a training run (initialisation and training data); the cache holds one model.
 
     Example:
@@ -304,15 +352,25 @@ def load_builtin_model(cache_dir: str | Path | None = None, retrain: bool = Fals
         torch.Size([64, 13])
     """
     model_dir = builtin_model_dir(cache_dir)
-    if model_dir.exists() and not retrain:
-        try:
-            return _load_checked(model_dir)
-        except Exception as error:  # any defect means: do not trust, rebuild
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-            warnings.warn(f"pumer-plug: built-in model cache {model_dir} is unusable ({reason}); retraining",
-                          stacklevel=2)
+    why = "retraining was asked for"
+    if not retrain:
+        if model_dir.exists():
+            try:
+                return _load_checked(model_dir)
+            except Exception as error:  # any defect means: do not trust, rebuild
+                warnings.warn(f"pumer-plug: built-in model cache {model_dir} is unusable ({_reason(error)}); "
+                              "trying the packaged model", stacklevel=2)
+        packaged, why = _load_packaged(seed)
+        if packaged is not None:
+            return packaged
     if progress:
-        print(f"pumer-plug: training the built-in model into {model_dir} (once; about 6 minutes on 2 CPU "
-              "cores, the last stage's steps are the slowest)", file=sys.stderr)
+        print(f"pumer-plug: training the built-in model into {model_dir} ({why}; about 8 minutes on 2 idle CPU "
+              "cores, longer when they are shared; one progress bar per curriculum stage)", file=sys.stderr)
     _train_into_cache(model_dir, progress, seed)
-    return _load_checked(model_dir)
+    loaded = _load_checked(model_dir)
+    if progress:
+        info = json.loads((model_dir / METADATA_FILE).read_text())
+        print(f"pumer-plug: trained the built-in model in {info['train_seconds'] / 60:.1f} min: val accuracy "
+              f"{100 * info['val_accuracy']:.1f}% (question-only prior {100 * info['val_question_prior_accuracy']:.1f}%); "
+              f"stored in {model_dir}", file=sys.stderr)
+    return loaded

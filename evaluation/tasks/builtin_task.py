@@ -40,7 +40,7 @@ class DatasetBatches(Sequence):
 
 @TASKS.register("builtin")
 class BuiltinDigitsTask(Task):
-    """VQA over real handwritten digits with the built-in ViLT (trained on first use, then cached).
+    """VQA over real handwritten digits with the built-in ViLT (shipped in the package; retrained if stale).
 
     Options used: ``cache_dir``, ``retrain``, ``num_test_examples`` (default 1000).
     """

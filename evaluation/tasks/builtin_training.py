@@ -231,11 +231,10 @@ def fit(model: ViltForQuestionAnswering, stages: list[tuple[DigitsVQA, int]], ba
         inputs, answer_ids, examples = batch
         return step_losses(model, heads, inputs, answer_ids, examples, digit_word_ids)
 
-    with tqdm(total=total_steps, disable=not progress, desc="training built-in ViLT", unit="step") as bar:
-        for k, (data, steps) in enumerate(stages):
-            if len(stages) > 1 and len(data):
-                bar.set_description(f"training built-in ViLT, stage {k + 1}/{len(stages)} "
-                                    f"({data.examples[0].canvas_px} px)")
+    for k, (data, steps) in enumerate(stages):  # one bar per stage: its steps differ in cost, so does its ETA
+        canvas = f" ({data.examples[0].canvas_px} px)" if len(data) else ""
+        with tqdm(total=steps, disable=not progress, desc=f"training built-in ViLT, stage {k + 1}/{len(stages)}{canvas}",
+                  unit="step") as bar:
             for values in train_steps(stage_batches(data, steps), losses, optimizer, scheduler, model.parameters()):
                 history.append({key: v for key, v in values.items() if key != "loss"})
                 bar.update()

@@ -7,6 +7,8 @@ method at each reduction layer and apply the returned plan to hidden states, res
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -55,6 +57,30 @@ def real_lengths(mask: torch.Tensor, bounds: list[tuple[int, int]]) -> list[tupl
     return [tuple(int(n) for n in row) for row in sums]
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the image patches (and the text) of one example sit in the streams at the start of a forward.
+
+    Attributes:
+        image_stream: the stream holding the patches (a key of ``handle.streams``).
+        image_start: index of the first patch token in that stream; the token before it is the image
+            CLS (or the last prefix token), first in the image segment.
+        grid: (rows, cols) of the patch grid; the patches follow in raster order.
+        text_stream: the stream holding the text, or None (image-only backbones).
+        text_start: index of the first text token in ``text_stream``.
+        num_text: padded text length.
+        image_input: the keyword argument of the model's forward that holds the image.
+    """
+
+    image_stream: str
+    image_start: int
+    grid: tuple[int, int]
+    text_stream: str | None = None
+    text_start: int = 0
+    num_text: int = 0
+    image_input: str = "pixel_values"
+
+
 class Adapter:
     """Base class: subclasses set ``name``, implement ``matches``, ``__init__`` and ``attach``."""
 
@@ -71,3 +97,9 @@ class Adapter:
 
     def attach(self, handle: Any) -> None:
         raise NotImplementedError
+
+    def token_layout(self, inputs: Mapping[str, Any]) -> TokenLayout | None:
+        """Where the patch grid and the text of the model inputs ``inputs`` (the forward's keyword
+        arguments) sit in the streams (``pumer-plug show``); None: the backbone has no image grid
+        this adapter can place (the default)."""
+        return None

@@ -8,6 +8,7 @@ mergeable tokens; the counts really used are kept in :attr:`Tome.effective_r`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,15 @@ class TomeConfig:
     @property
     def is_identity(self) -> bool:
         return not any(self.r) if isinstance(self.r, tuple) else self.r == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        r = ",".join(map(str, self.r)) if isinstance(self.r, tuple) else str(self.r)
+        shape = f" inflection={self.inflection:g}" if self.inflection else ""
+        layers = "" if self.reduction_layers is None else f" layers={','.join(map(str, self.reduction_layers))}"
+        return f"r={r}{shape}{layers}"
 
     def token_schedule(self, num_tokens: int, num_layers: int, num_protected: int = 1) -> list[int]:
         """Tokens leaving every layer for one row of ``num_tokens`` real tokens (ViT-B/16, r=16: 181, 165, ...)."""

@@ -61,6 +61,9 @@ class ReductionHandle:
         #: set to True to accumulate the wall time spent inside this handle's hooks in ``hook_seconds``
         self.time_hooks = False
         self.hook_seconds = 0.0
+        #: ``fn(layer, stream_name, plan, saliency)`` called after every reduction (source tracing); ``plan`` is
+        #: None where the stream was not reduced, ``saliency`` the (B, H, V) text-saliency scores it used or None
+        self.plan_observers: list[Callable[[int, str, Any, Any], None]] = []
 
     # -- results of the last forward -------------------------------------------------------
     @property
@@ -76,6 +79,10 @@ class ReductionHandle:
         """Stores the padded (text, image) lengths of ``stream`` after ``layer``."""
         count = TokenCount(stream.count(TEXT), stream.count(IMAGE), stream.count(MIXED))
         self._counts.setdefault(layer, {})[stream_name] = count
+        plan, saliency = stream.last_plan, stream.last_saliency
+        stream.last_plan = stream.last_saliency = None  # None: the stream was not reduced at this layer
+        for observe in self.plan_observers:
+            observe(layer, stream_name, plan, saliency)
 
     def start_forward(self) -> None:
         """Resets per-forward state; adapters call it where a forward pass begins."""

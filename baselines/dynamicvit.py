@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pumer_plug.config import check_layers
-from pumer_plug.method import ReductionMethod
+from pumer_plug.method import ReductionMethod, suggest_layers
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import prune_by_score
 from pumer_plug.registry import METHODS
@@ -295,6 +295,12 @@ class DynamicViT(ReductionMethod):
         self._policy: dict[tuple[int, int], torch.Tensor] = {}  # segment -> (B, n, 1) train decisions
         if config.embed_dim is not None:
             self._build(config.embed_dim)
+
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> DynamicViTConfig:
+        """Pruning layers (stages) and the keep ratio rho per stage."""
+        return DynamicViTConfig(reduction_layers=suggest_layers(trial, num_layers),
+                                keep_ratio=trial.suggest_float("keep_ratio", 0.3, 0.95, step=0.05))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def proportional_attention(self) -> bool:

@@ -55,6 +55,16 @@ class ReductionMethod:
     def proportional_attention(self) -> bool:
         return bool(getattr(self.config, "proportional_attention", False))
 
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> Any:
+        """A config drawn for one search trial of ``pumer-plug tune``: the method's knobs through the
+        ``suggest_*`` calls of an Optuna ``trial``, for a backbone of ``num_layers`` reducible layers.
+
+        Raises:
+            NotImplementedError: the method defines no search space (the default).
+        """
+        raise NotImplementedError(f"method {cls.name!r} defines no search space (ReductionMethod.suggest_config)")
+
     def reduce(self, layer: int, stream: TokenStream):
         """Reduces ``stream`` at ``layer`` and returns the plan over the whole stream."""
         raise NotImplementedError
@@ -101,3 +111,11 @@ class ReductionMethod:
 
     def on_forward_end(self) -> None:
         """Called once per model forward after the last layer."""
+
+
+def suggest_layers(trial: Any, num_layers: int) -> tuple[int, ...]:
+    """Reduction layers for a search trial: ``count`` layers from ``first_layer`` every ``layer_stride`` layers."""
+    first = trial.suggest_int("first_layer", 0, num_layers - 1)
+    count = trial.suggest_int("num_reduction_layers", 1, num_layers)
+    stride = trial.suggest_int("layer_stride", 1, 2)
+    return tuple(range(first, num_layers, stride))[:count]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pumer_plug.config import PumerConfig
-from pumer_plug.method import ReductionMethod
+from pumer_plug.method import ReductionMethod, suggest_layers
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import (bipartite_soft_matching, combine_heads, drop_padding, merge_count, prune_by_score,
                                    prune_count)
@@ -38,6 +38,14 @@ class Pumer(ReductionMethod):
     def __init__(self, config: PumerConfig) -> None:
         super().__init__(config)
         self.merges_text = config.text_merge_ratio > 0
+
+    @classmethod
+    def suggest_config(cls, trial, num_layers: int) -> PumerConfig:
+        """Reduction layers, prune ratio k, image merge ratio r and text merge ratio t (PuMer Table 4's knobs)."""
+        return PumerConfig(reduction_layers=suggest_layers(trial, num_layers),
+                           prune_ratio=trial.suggest_float("prune_ratio", 0.0, 0.8, step=0.05),
+                           image_merge_ratio=trial.suggest_float("image_merge_ratio", 0.0, 0.5, step=0.05),
+                           text_merge_ratio=trial.suggest_float("text_merge_ratio", 0.0, 0.3, step=0.05))
 
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         plans = []

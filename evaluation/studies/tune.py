@@ -264,3 +264,25 @@ def tune_many(task: Task, methods: Sequence[str], targets: Sequence[float], outp
                 continue
             results.append((method, target, result))
     return results
+
+
+def tuned_grid(task: Task, methods: Sequence[str], targets: Sequence[float], output_dir: str | Path,
+               **options: Any) -> Any:
+    """A sweep grid of each method tuned at each target (``sweep --tuned``: Figure 5 from tuned points).
+
+    The studies live in ``output_dir/tune/<method>-x<target>/``, so a re-run resumes them and the
+    sweep then skips points it already measured.
+    """
+    from pumer_plug.evaluation.studies.sweep import Grid, SweepPoint
+
+    points = []
+    for method, target, result in tune_many(task, methods, targets, output_dir, **options):
+        if result.chosen is None:
+            print(f"pumer-plug: no {method} config reached {target:g}x; left out of the sweep", file=sys.stderr)
+            continue
+        series = METHODS.get(method).display_name or method
+        points.append(SweepPoint(method, result.chosen.config, f"{series} tuned {target:g}x ({result.chosen.config.describe()})",
+                                 series, group=f"tuned {target:g}x"))
+    if not points:
+        raise UserError("no method reached any --tuned target; nothing to sweep")
+    return Grid("figure5-tuned", points)

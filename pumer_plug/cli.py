@@ -245,14 +245,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     method = _parse_methods(args.method)[0] if "," not in args.method else None
     if method is None:
         raise UserError(f"--method takes one reduction method, got {args.method!r}")
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir))
+    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, model=args.model))
     config = load_config(method, args.config) if args.config else task.default_config(method)
     written = []
-    for index in args.index:
-        result, paths = run_show(task, method, config, split=args.split, index=index, output_dir=args.output,
-                                 device=args.device)
+    for index in args.index if args.image is None else [None]:
+        result, paths = run_show(task, method, config, split=args.split, index=index or 0, output_dir=args.output,
+                                 device=args.device, image=args.image, question=args.question)
         counts = ", ".join(f"layer {v.layer}: {v.image_tokens}" for v in result.layers)
-        print(f"example {index}: answer {result.target}, dense {result.dense_answer}, {method} {result.reduced_answer}; "
+        print(f"example {args.image if index is None else index}: answer {result.target}, dense {result.dense_answer}, {method} {result.reduced_answer}; "
               f"image tokens {counts}")
         written += [str(paths["png"]), str(paths["svg"])]
     print("written:", ", ".join(written))

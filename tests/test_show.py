@@ -114,3 +114,25 @@ def test_an_adapter_without_an_image_grid_is_refused_in_one_line(monkeypatch):
     model = task.load_model(torch.device("cpu"))
     with pytest.raises(UserError, match="cannot place the image patches"):
         trace_example(model, task, "pumer", task.default_config("pumer"), task.batches("test", 1, 1)[0])
+
+
+def test_show_draws_a_new_image_and_question(tmp_path):
+    from PIL import Image
+
+    from pumer_plug.errors import UserError
+
+    class Encoding(TinyTask):
+        def encode_example(self, image, question):
+            pixels = torch.tensor(list(image.convert("L").resize((64, 64)).getdata()), dtype=torch.float32)
+            ids = torch.tensor([[2] + [5 + len(w) % 5 for w in question.split()]])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.view(1, 1, 64, 64) / 255}
+
+    path = tmp_path / "picture.png"
+    Image.new("L", (80, 80), color=200).save(path)
+    result, paths = run_show(Encoding(), "pumer", TinyTask().default_config("pumer"), image=path, question="what is it",
+                             output_dir=tmp_path)
+    assert result.target == "?" and paths["png"].name == "pumer-picture.png" and len(result.tokens) == 4
+    with pytest.raises(UserError, match="cannot encode a new image"):
+        run_show(TinyTask(), "pumer", TinyTask().default_config("pumer"), image=path, question="q", output_dir=tmp_path)
+    with pytest.raises(UserError, match="go together"):
+        run_show(TinyTask(), "pumer", TinyTask().default_config("pumer"), image=path, output_dir=tmp_path)

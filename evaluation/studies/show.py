@@ -102,8 +102,10 @@ def _saliency_map(trace: SourceTrace, layer: int, previous: int | None, layout: 
     return out.reshape(rows, cols)
 
 
-def trace_example(model: nn.Module, task: Task, method: str, config: Any, batch: Batch) -> ShowResult:
-    """Runs one example dense and reduced (source tracing on) and collects every layer's view.
+def trace_example(model: nn.Module, task: Task, method: str, config: Any, batch: Batch,
+                  known_target: bool = True) -> ShowResult:
+    """Runs one example dense and reduced (source tracing on) and collects every layer's view;
+    ``known_target=False`` for a new example without a reference answer.
 
     Raises:
         UserError: the backbone has no image grid its adapter can place, or the method does not fit.
@@ -132,7 +134,8 @@ def trace_example(model: nn.Module, task: Task, method: str, config: Any, batch:
         previous = layer
     return ShowResult(image=_image_array(trace.inputs[layout.image_input][0]), grid=layout.grid,
                       tokens=task.token_texts(ids), dense_answer=task.answer_text(dense.outputs[0]),
-                      reduced_answer=task.answer_text(reduced.outputs[0]), target=task.answer_text(dense.targets[0]),
+                      reduced_answer=task.answer_text(reduced.outputs[0]),
+                      target=task.answer_text(dense.targets[0]) if known_target else "?",
                       method=method, config=config.describe(), layers=views)
 
 
@@ -204,10 +207,23 @@ def draw_example(result: ShowResult, stem: str | Path) -> dict[str, Path]:
 
 
 def run_show(task: Task, method: str, config: Any, split: str = "test", index: int = 0,
-             output_dir: str | Path = "results/show", device: str = "cpu") -> tuple[ShowResult, dict[str, Path]]:
-    """Traces example ``index`` of ``split`` through ``method`` and draws it into ``output_dir``."""
+             output_dir: str | Path = "results/show", device: str = "cpu", image: str | Path | None = None,
+             question: str | None = None) -> tuple[ShowResult, dict[str, Path]]:
+    """Traces example ``index`` of ``split`` (or a new ``image`` file and ``question``) through ``method``
+    and draws it into ``output_dir``.
+
+    Raises:
+        UserError: an image without a question (or the reverse), or a task that cannot encode new examples.
+    """
+    if (image is None) != (question is None):
+        raise UserError("--image and --question go together")
     model = task.load_model(torch.device(device)).eval()
-    batch = example(task, split, index)
-    result = trace_example(model, task, method, config, batch)
-    paths = draw_example(result, Path(output_dir) / f"{method}-{split}-{index}")
-    return result, paths
+    if image is None:
+        batch, stem = example(task, split, index), f"{method}-{split}-{index}"
+    else:
+        from PIL import Image
+
+        with Image.open(image) as picture:
+            batch, stem = (task.encode_example(picture, question), torch.zeros(1, dtype=torch.long)), f"{method}-{Path(image).stem}"
+    result = trace_example(model, task, method, config, batch, known_target=image is None)
+    return result, draw_example(result, Path(output_dir) / stem)

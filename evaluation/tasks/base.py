@@ -199,6 +199,14 @@ class Task:
         """How an output of :meth:`predictions` reads (``pumer-plug show``); default: ``str(output)``."""
         return str(output)
 
+    def encode_example(self, image: Any, question: str) -> dict[str, torch.Tensor]:
+        """Model inputs (a one-example batch) of a new PIL ``image`` and ``question`` (``pumer-plug show --image``).
+
+        Raises:
+            UserError: the task cannot encode new examples (the default).
+        """
+        raise UserError(f"task {self.name!r} cannot encode a new image and question; draw a split example with --index")
+
     def default_config(self, method: str) -> Any:
         """The config of ``method`` for this task's model (``default_configs``, else the method's default)."""
         return load_config(method, self.default_configs.get(method))

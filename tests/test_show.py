@@ -2,6 +2,7 @@
 drawn counts equal ``handle.token_counts``, outputs unchanged with tracing on."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,7 +124,7 @@ def test_show_draws_a_new_image_and_question(tmp_path):
 
     class Encoding(TinyTask):
         def encode_example(self, image, question):
-            pixels = torch.tensor(list(image.convert("L").resize((64, 64)).getdata()), dtype=torch.float32)
+            pixels = torch.from_numpy(np.asarray(image.convert("L").resize((64, 64)), dtype=np.float32))
             ids = torch.tensor([[2] + [5 + len(w) % 5 for w in question.split()]])
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.view(1, 1, 64, 64) / 255}
 

@@ -171,8 +171,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from pumer_plug.evaluation.studies.tune import tuned_grid
 
         task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
-        output = Path(args.output or "results/sweep/figure5-tuned")
-        grid = tuned_grid(task, _parse_methods(args.tune_methods), args.tuned, output, measure=args.tune_measure,
+        studies = Path(args.output or "results/sweep/figure5-tuned")  # the tuning studies go to STUDIES/tune/
+        grid = tuned_grid(task, _parse_methods(args.tune_methods), args.tuned, studies, measure=args.tune_measure,
                           budget=args.tune_budget, device=args.device)
     elif args.grid is None:
         raise UserError("sweep needs --grid PRESET_OR_FILE or --tuned TARGETS")

@@ -145,8 +145,8 @@ def _text_line(tokens: list[str], groups: list[list[int]]) -> str:
 
 
 def _draw_patches(ax: Any, result: ShowResult, view: LayerView | None) -> None:
-    from matplotlib.patches import Rectangle
     import matplotlib
+    from matplotlib.patches import Rectangle
 
     image = result.image
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
@@ -156,7 +156,10 @@ def _draw_patches(ax: Any, result: ShowResult, view: LayerView | None) -> None:
         return
     rows, cols = result.grid
     ch, cw = image.shape[0] / rows, image.shape[1] / cols
-    cell = lambda p: (p % cols * cw - 0.5, p // cols * ch - 0.5)  # noqa: E731  (x, y) of a patch's corner
+
+    def cell(p: int) -> tuple[float, float]:  # (x, y) of patch p's top-left corner in image pixels
+        return p % cols * cw - 0.5, p // cols * ch - 0.5
+
     for p in view.patches.pruned:
         ax.add_patch(Rectangle(cell(p), cw, ch, facecolor=GREY, alpha=0.85, linewidth=0))
     colours = matplotlib.colormaps[PALETTE]

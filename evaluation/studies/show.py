@@ -27,7 +27,7 @@ from pumer_plug.evaluation.tasks.base import Batch, Task, attach_method
 from pumer_plug.ops.sources import PatchGroups, SourceTrace, patch_groups, token_groups, trace_sources
 
 GREY = (0.55, 0.55, 0.55)
-PALETTE = "tab10"
+PALETTES = ("tab20", "tab20b", "tab20c")  # 60 distinct colours for merged groups before one repeats
 
 
 @dataclass
@@ -162,15 +162,16 @@ def _draw_patches(ax: Any, result: ShowResult, view: LayerView | None) -> None:
 
     for p in view.patches.pruned:
         ax.add_patch(Rectangle(cell(p), cw, ch, facecolor=GREY, alpha=0.85, linewidth=0))
-    colours = matplotlib.colormaps[PALETTE]
+    colours = [c for name in PALETTES for c in matplotlib.colormaps[name].colors]
     for g, members in enumerate(view.patches.merged):
-        colour = colours(g % colours.N)
+        colour = colours[g % len(colours)]
         for p in members:
             ax.add_patch(Rectangle(cell(p), cw, ch, facecolor=colour, alpha=0.35, edgecolor=colour, linewidth=1.6))
 
 
 def draw_example(result: ShowResult, stem: str | Path) -> dict[str, Path]:
     """Draws ``result`` into ``stem.png`` and ``stem.svg``: one column per reduction layer."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     n = len(result.layers) + 1
@@ -192,8 +193,9 @@ def draw_example(result: ShowResult, stem: str | Path) -> dict[str, Path]:
         ax_sal.set_xticks([])
         ax_sal.set_yticks([])
         if view is not None and view.saliency is not None:
-            ax_sal.imshow(view.saliency, cmap="magma", interpolation="nearest")
-            ax_sal.set_title(f"text saliency at layer {view.layer}", fontsize=8)
+            cmap = matplotlib.colormaps["magma"].with_extremes(bad=GREY)  # grey: pruned before this layer
+            ax_sal.imshow(np.ma.masked_invalid(view.saliency), cmap=cmap, interpolation="nearest")
+            ax_sal.set_title(f"text saliency at layer {view.layer} (grey: pruned before)", fontsize=8)
         else:
             ax_sal.text(0.5, 0.5, "text saliency: n/a" if view is not None else "", ha="center", va="center", fontsize=9)
             ax_sal.axis("off")

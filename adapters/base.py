@@ -8,6 +8,8 @@ method at each reduction layer and apply the returned plan to hidden states, res
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -67,6 +69,30 @@ def same_lengths(num_tokens: int, batch: int, device: torch.device) -> RowCounts
     return RowCounts((num_tokens,) * batch, torch.full((batch,), num_tokens, dtype=torch.int64, device=device))
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the image patches (and the text) of one example sit in the streams at the start of a forward.
+
+    Attributes:
+        image_stream: the stream holding the patches (a key of ``handle.streams``).
+        image_start: index of the first patch token in that stream; the token before it is the image
+            CLS (or the last prefix token), first in the image segment.
+        grid: (rows, cols) of the patch grid; the patches follow in raster order.
+        text_stream: the stream holding the text, or None (image-only backbones).
+        text_start: index of the first text token in ``text_stream``.
+        num_text: padded text length.
+        image_input: the keyword argument of the model's forward that holds the image.
+    """
+
+    image_stream: str
+    image_start: int
+    grid: tuple[int, int]
+    text_stream: str | None = None
+    text_start: int = 0
+    num_text: int = 0
+    image_input: str = "pixel_values"
+
+
 class Adapter:
     """Base class of backbone adapters.
 
@@ -116,6 +142,12 @@ class Adapter:
         """
         raise NotImplementedError(f"{self.name} adapter cannot take other image sizes")
 
+
+    def token_layout(self, inputs: Mapping[str, Any]) -> TokenLayout | None:
+        """Where the patch grid and the text of the model inputs ``inputs`` (the forward's keyword
+        arguments) sit in the streams (``pumer-plug show``); None: the backbone has no image grid
+        this adapter can place (the default)."""
+        return None
 
 # -- hook factories shared by the adapters -------------------------------------------------------
 def keys_catcher(handle: Any, stream: str, num_heads: int | None = None) -> Callable:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from transformers import ViltForMaskedLM, ViltForTokenClassification, ViltModel
 
-from pumer_plug.adapters.base import (Adapter, AdapterError, get_submodule, keys_catcher, real_lengths, residual_rewriter,
+from pumer_plug.adapters.base import (Adapter, AdapterError, TokenLayout, get_submodule, keys_catcher, real_lengths, residual_rewriter,
                                       saliency_catcher, stream_bias)
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.registry import ADAPTERS
@@ -100,6 +100,17 @@ class ViltAdapter(Adapter):
 
     def accept_image_size(self, handle: Any) -> None:
         """Nothing to do: ``visual_embed`` interpolates ViLT's position table to every patch grid."""
+
+    def token_layout(self, inputs: Any) -> TokenLayout | None:
+        """``[text (T) | image CLS | patches]``; patches in raster order (``_raster_order``). Exact when
+        every patch is real and kept by ``visual_embed`` (no pixel-mask padding, ``max_image_length``
+        at least the patch count)."""
+        pixels, ids = inputs.get("pixel_values"), inputs.get("input_ids")
+        if pixels is None or ids is None:
+            return None
+        p = self.vilt.config.patch_size
+        T = ids.shape[1]
+        return TokenLayout(STREAM, T + 1, (pixels.shape[-2] // p, pixels.shape[-1] // p), STREAM, 0, T)
 
     def _start(self, handle: Any, args: tuple, out: tuple) -> None:
         embeds, mask = out  # (B, N, C), (B, N)

@@ -37,7 +37,7 @@ from timm.layers import Format, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule, keys_catcher, same_lengths, stream_bias
+from pumer_plug.adapters.base import Adapter, AdapterError, TokenLayout, get_submodule, keys_catcher, same_lengths, stream_bias
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, Segment, TokenStream
@@ -85,6 +85,17 @@ class _VitAdapter(Adapter):
         raise NotImplementedError
 
     # -- hooks -----------------------------------------------------------------------------
+    def token_layout(self, inputs: Any) -> TokenLayout | None:
+        """``[prefix tokens | patches]`` of the image ``x`` (B, 3, H, W), patches in raster order."""
+        x = inputs.get("x")
+        if x is None:
+            return None
+        ph, pw = self.patch_size()
+        return TokenLayout(STREAM, self.num_prefix_tokens, (x.shape[-2] // ph, x.shape[-1] // pw), image_input="x")
+
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
     def _starter(self, handle: Any):
         def hook(module: nn.Module, args: tuple) -> None:
             if self.checkpointing():
@@ -185,6 +196,9 @@ class TimmVitAdapter(_VitAdapter):
     def checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)
 
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.patch_size)
+
     def accept_image_size(self, handle: Any) -> None:
         """Lets the model take other image sizes (SmRes) through timm's own ``dynamic_img_size``
         path: ``pos_embed`` resampled to the input's patch grid at every forward."""
@@ -273,6 +287,9 @@ class OpenClipVitAdapter(_VitAdapter):
 
     def checkpointing(self) -> bool:
         return bool(self.visual.transformer.grad_checkpointing)
+
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.visual.conv1.kernel_size)
 
     def accept_image_size(self, handle: Any) -> None:
         """Lets the tower take other image sizes (SmRes): an instance ``_embeds`` resamples

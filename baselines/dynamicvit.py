@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pumer_plug.config import MethodConfig
 from pumer_plug.errors import UserError
-from pumer_plug.method import HIDDEN, ReductionMethod
+from pumer_plug.method import HIDDEN, ReductionMethod, suggest_layers
 from pumer_plug.ops.counts import add_counts, fraction_count, min_counts, offset_counts
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import prune_by_score
@@ -289,6 +289,12 @@ class DynamicViT(ReductionMethod):
         self._predictors: nn.ModuleDict | None = None
         if config.embed_dim is not None:
             self._build(config.embed_dim)
+
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> DynamicViTConfig:
+        """Pruning layers (stages) and the keep ratio rho per stage."""
+        return DynamicViTConfig(reduction_layers=suggest_layers(trial, num_layers),
+                                keep_ratio=trial.suggest_float("keep_ratio", 0.3, 0.95, step=0.05))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def proportional_attention(self) -> bool:

@@ -88,6 +88,12 @@ class KeepTopK(ReductionMethod):
             )
         return (point,)
 
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> KeepConfig:
+        """K (the first layer on the kept tokens) and the prune ratio R."""
+        return cls.config_class(layer=trial.suggest_int("layer", 1, num_layers),
+                                prune_ratio=trial.suggest_float("prune_ratio", 0.0, 0.95, step=0.05))
+
     def check_image_tokens(self, num_image: int) -> None:
         k = self.config.keep_tokens
         if k is not None and k > num_image:

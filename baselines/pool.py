@@ -85,6 +85,11 @@ class Pool(ReductionMethod):
         if side * side != num_image:
             raise ValueError(f"pool: {num_image} image tokens do not form a square grid")
 
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> PoolConfig:
+        """The pooling stride (window side)."""
+        return PoolConfig(stride=trial.suggest_int("stride", 1, 4))
+
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         plans = []
         for view in stream.views():

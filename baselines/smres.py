@@ -165,6 +165,11 @@ class SmRes(ReductionMethod):
     def reduction_layers(self, num_layers: int) -> tuple[int, ...]:
         return (0,)  # identity plans there: the adapter records the token counts of the forward
 
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> SmResConfig:
+        """The image side-length scale."""
+        return SmResConfig(scale=trial.suggest_float("scale", 0.3, 1.0, step=0.05))
+
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         return stream.reduce_segments([ReductionPlan.identity(s.length) for s in stream.segments])
 

@@ -8,6 +8,7 @@ mergeable tokens; the counts really used are kept in :attr:`Tome.effective_r`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -184,6 +185,12 @@ class Tome(ReductionMethod):
             super().reduction_layers(num_layers)  # raises on a layer beyond the depth
         self._schedule = self.config.schedule(num_layers)
         return tuple(i for i, r in enumerate(self._schedule) if r > 0)
+
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> TomeConfig:
+        """r per layer and ToMe's schedule shape (``inflection``: -1 decreasing, 0 constant, +1 increasing)."""
+        return TomeConfig(r=trial.suggest_int("r", 1, 32, log=True),
+                          inflection=trial.suggest_categorical("inflection", [-1.0, -0.5, 0.0, 0.5, 1.0]))
 
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         r = self._schedule[layer] if layer < len(self._schedule) else 0

@@ -235,7 +235,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pumer_plug.evaluation.studies.sweep import load_grid, run_sweep
     from pumer_plug.evaluation.tasks import TaskOptions, get_task
 
-    grid = load_grid(args.grid)
+    if args.tuned:
+        from pumer_plug.evaluation.studies.tune import tuned_grid
+
+        task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
+        studies = Path(args.output or "results/sweep/figure5-tuned")  # the tuning studies go to STUDIES/tune/
+        grid = tuned_grid(task, _parse_methods(args.tune_methods), args.tuned, studies, measure=args.tune_measure,
+                          budget=args.tune_budget, device=args.device)
+    elif args.grid is None:
+        raise UserError("sweep needs --grid PRESET_OR_FILE or --tuned TARGETS")
+    else:
+        grid = load_grid(args.grid)
     finetune_base = _finetune_config(args) if args.finetune else None
     output = Path(args.output or f"results/sweep/{grid.name}{'-finetune' if args.finetune else ''}")
     if args.list_points:
@@ -276,6 +286,50 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pumer_plug.evaluation.studies.report import format_table, write_results
+    from pumer_plug.evaluation.studies.tune import format_result, run_tune
+    from pumer_plug.evaluation.tasks import TaskOptions, get_task
+
+    method = _parse_methods(args.method)[0] if "," not in args.method else None
+    if method is None or method == "dense":
+        raise UserError(f"--method takes one reduction method, got {args.method!r}")
+    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
+    output = Path(args.output or f"results/tune/{method}-x{args.target_speedup:g}-{args.measure}")
+    result = run_tune(task, method, args.target_speedup, measure=args.measure, budget=args.budget, output_dir=output,
+                      num_val_examples=args.num_val_examples, batch_size=args.batch_size, confirm=args.confirm,
+                      flops_margin=args.flops_margin, rounds=args.rounds, timing_batches=args.timing_batches,
+                      device=args.device, seed=args.seed)
+    print(format_result(result))
+    if result.rows:
+        print(format_table(result.rows))
+        write_results(result.rows, output)
+        print(f"\nwritten: {result.config_path} (pumer-plug compare --methods dense,{method} "
+              f"--config {method}={result.config_path}), {output}/frontier.jsonl, {output}/results.jsonl")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pumer_plug.evaluation.studies.show import run_show
+    from pumer_plug.evaluation.tasks import TaskOptions, get_task, load_config
+
+    method = _parse_methods(args.method)[0] if "," not in args.method else None
+    if method is None:
+        raise UserError(f"--method takes one reduction method, got {args.method!r}")
+    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, model=args.model))
+    config = load_config(method, args.config) if args.config else task.default_config(method)
+    written = []
+    for index in args.index if args.image is None else [None]:
+        result, paths = run_show(task, method, config, split=args.split, index=index or 0, output_dir=args.output,
+                                 device=args.device, image=args.image, question=args.question)
+        counts = ", ".join(f"layer {v.layer}: {v.image_tokens}" for v in result.layers)
+        print(f"example {args.image if index is None else index}: answer {result.target}, dense {result.dense_answer}, {method} {result.reduced_answer}; "
+              f"image tokens {counts}")
+        written += [str(paths["png"]), str(paths["svg"])]
+    print("written:", ", ".join(written))
+    return 0
+
+
 def _one_line_warnings(fallback: Any):
     """A ``warnings.showwarning`` that prints our own warnings as one line, others via ``fallback``."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -293,7 +347,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {"compare": cmd_compare, "bench": cmd_bench, "train": cmd_train, "finetune": cmd_finetune,
-                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list, "gpu-check": cmd_gpu_check}
+                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list, "gpu-check": cmd_gpu_check,
+                "tune": cmd_tune, "show": cmd_show}
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     if args.num_threads:

@@ -150,7 +150,13 @@ def _sweep_parser(sub: Any, run: Command) -> None:
                                    "lines; re-running skips finished points. Presets: figure5, table3, table4 "
                                    "(the paper's studies scaled to the built-in 6-layer model). Grid file format: "
                                    "docs/grids.md, example docs/grids/example.yaml.")
-    p.add_argument("--grid", required=True, metavar="PRESET_OR_FILE", help="figure5, table3, table4, or a YAML/JSON grid file")
+    p.add_argument("--grid", default=None, metavar="PRESET_OR_FILE", help="figure5, table3, table4, or a YAML/JSON grid file")
+    p.add_argument("--tuned", type=_targets, default=None, metavar="X,Y,...",
+                   help="instead of --grid: tune each of --tune-methods at these speed-up targets (val) and sweep "
+                        "the tuned configs, e.g. 1.2,1.4,1.6,1.8 (Figure 5 from tuned points)")
+    p.add_argument("--tune-methods", default="pumer,tome,dynamicvit,smres", help="methods for --tuned (default: all four)")
+    p.add_argument("--tune-measure", choices=("flops", "throughput"), default="flops", help="target measure for --tuned (default: flops)")
+    p.add_argument("--tune-budget", type=_positive_int, default=40, help="trials per method and target for --tuned (default: 40)")
     p.add_argument("--task", default="builtin", help="task name (default: builtin)")
     p.add_argument("--output", default=None, help="output folder (default: results/sweep/GRID, GRID-finetune with --finetune)")
     p.add_argument("--finetune", action="store_true", help="finetune every point (with distillation) before measuring")
@@ -162,6 +168,63 @@ def _sweep_parser(sub: Any, run: Command) -> None:
     p.add_argument("--list-points", action="store_true", help="print the grid's points and keys, measure nothing")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
     _add_finetune_options(p)
+    _add_common(p)
+    p.set_defaults(func=run)
+
+
+def _targets(text: str) -> list[float]:
+    """An argparse type: comma-separated speed-up targets, each above 1."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated speed-ups such as 1.2,1.4, got {text!r}") from None
+    if not values or any(not 1.0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected speed-ups above 1, got {text!r}")
+    return values
+
+
+def _tune_parser(sub: Any, run: Command) -> None:
+    p = sub.add_parser("tune", help="search a method's knobs for the most accurate config meeting a speed-up target",
+                       description="Optuna search on a val subset (FLOPs speed-up as the fast proxy, successive halving on "
+                                   "val accuracy, resumable from OUTPUT/study.journal); with --measure throughput the best "
+                                   "trials are confirmed by interleaved timing. The winner is evaluated on the test split as a "
+                                   "compare row and written as OUTPUT/METHOD-tuned.json (compare --config accepts it).")
+    p.add_argument("--method", default="pumer", help="reduction method (default: pumer)")
+    p.add_argument("--target-speedup", type=_positive_float, required=True, help="speed-up over the dense model, e.g. 1.5")
+    p.add_argument("--measure", choices=("flops", "throughput"), default="flops",
+                   help="what must reach the target: FLOPs speed-up, or throughput measured interleaved (default: flops)")
+    p.add_argument("--budget", type=_positive_int, default=40, help="trials the study should have finished, resumed ones included (default: 40)")
+    p.add_argument("--task", default="builtin", help="task name (default: builtin)")
+    p.add_argument("--num-val-examples", type=_positive_int, default=256, help="val examples per trial (default: 256)")
+    p.add_argument("--num-test-examples", type=_positive_int, default=None, help="test split size (default: the task's)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default: 64)")
+    p.add_argument("--confirm", type=_positive_int, default=6, help="--measure throughput: most accurate trials timed (default: 6)")
+    p.add_argument("--flops-margin", type=_positive_float, default=None,
+                   help="trials need a FLOPs speed-up of target x margin (default: 1.0 for flops, 1.1 for throughput)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds; the median is reported (default: 3)")
+    p.add_argument("--timing-batches", type=_positive_int, default=2, help="batches per timed round (default: 2)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the TPE sampler (default: 0)")
+    p.add_argument("--output", default=None, help="output folder (default: results/tune/METHOD-xTARGET-MEASURE)")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
+    _add_common(p)
+    p.set_defaults(func=run)
+
+
+def _show_parser(sub: Any, run: Command) -> None:
+    p = sub.add_parser("show", help="draw which patches and words a method keeps, merges and prunes at every reduction layer",
+                       description="For examples of a task split: the image once per reduction layer (pruned patches grey, "
+                                   "merged groups outlined in one colour each), the layer's text-saliency map, the surviving "
+                                   "words, and the dense and reduced answers; one PNG and SVG per example.")
+    p.add_argument("--method", default="pumer", help="reduction method (default: pumer)")
+    p.add_argument("--config", default=None, metavar="PRESET_OR_FILE", help="method config (default: the task's preset)")
+    p.add_argument("--task", default="builtin", help="task name (default: builtin)")
+    p.add_argument("--split", default="test", help="split to draw from (default: test)")
+    p.add_argument("--index", type=_non_negative_int, nargs="+", default=[0], help="example index(es) in the split (default: 0)")
+    p.add_argument("--image", default=None, help="instead of --index: an image file to draw (with --question)")
+    p.add_argument("--question", default=None, help="the question about --image")
+    p.add_argument("--model", default=None, help="the model the task loads (tasks on a user's checkpoint)")
+    p.add_argument("--output", default="results/show", help="output folder (default: results/show)")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
     _add_common(p)
     p.set_defaults(func=run)
 
@@ -215,6 +278,8 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     _list_parser(sub, commands["list"])
     if "gpu-check" in commands:
         _gpu_check_parser(sub, commands["gpu-check"])
+    _tune_parser(sub, commands["tune"])
+    _show_parser(sub, commands["show"])
     return parser
 
 

@@ -65,6 +65,9 @@ class ReductionHandle:
         #: set to True to accumulate the wall time spent inside this handle's hooks in ``hook_seconds``
         self.time_hooks = False
         self.hook_seconds = 0.0
+        #: ``fn(layer, stream_name, plan, saliency)`` called after every reduction (source tracing); ``plan`` is
+        #: None where the stream was not reduced, ``saliency`` the (B, H, V) text-saliency scores it used or None
+        self.plan_observers: list[Callable[[int, str, Any, Any], None]] = []
 
     # -- results of the last forward -------------------------------------------------------
     @property
@@ -80,6 +83,10 @@ class ReductionHandle:
     def record_counts(self, layer: int, stream_name: str, stream: TokenStream) -> None:
         """Stores the padded (text, image, mixed) lengths of ``stream`` after ``layer``."""
         self.state.record_counts(layer, stream_name, stream)
+        plan, saliency = stream.last_plan, stream.last_saliency
+        stream.last_plan = stream.last_saliency = None  # None: the stream was not reduced at this layer
+        for observe in self.plan_observers:
+            observe(layer, stream_name, plan, saliency)
 
     def start_forward(self) -> ForwardState:
         """Replaces the per-forward state with a fresh one; adapters call it where a forward begins.

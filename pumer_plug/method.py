@@ -99,6 +99,16 @@ class ReductionMethod:
         where some size differs from 1, i.e. ``stream.size`` is set). Default: False."""
         return False
 
+    @classmethod
+    def suggest_config(cls, trial: Any, num_layers: int) -> Any:
+        """A config drawn for one search trial of ``pumer-plug tune``: the method's knobs through the
+        ``suggest_*`` calls of an Optuna ``trial``, for a backbone of ``num_layers`` reducible layers.
+
+        Raises:
+            NotImplementedError: the method defines no search space (the default).
+        """
+        raise NotImplementedError(f"method {cls.name!r} defines no search space (ReductionMethod.suggest_config)")
+
     def reduce(self, layer: int, stream: TokenStream):
         """Reduces ``stream`` at ``layer`` and returns the plan over the whole stream."""
         raise NotImplementedError
@@ -159,3 +169,11 @@ class ReductionMethod:
     def training(self) -> bool:
         """Whether the current forward runs in train mode (the plugged model's flag at its start)."""
         return self._state.training
+
+
+def suggest_layers(trial: Any, num_layers: int) -> tuple[int, ...]:
+    """Reduction layers for a search trial: ``count`` layers from ``first_layer`` every ``layer_stride`` layers."""
+    first = trial.suggest_int("first_layer", 0, num_layers - 1)
+    count = trial.suggest_int("num_reduction_layers", 1, num_layers)
+    stride = trial.suggest_int("layer_stride", 1, 2)
+    return tuple(range(first, num_layers, stride))[:count]

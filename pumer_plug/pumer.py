@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pumer_plug.config import PumerConfig
-from pumer_plug.method import KEYS, TEXT_SALIENCY, ReductionMethod
+from pumer_plug.method import KEYS, TEXT_SALIENCY, ReductionMethod, suggest_layers
 from pumer_plug.ops.counts import add_counts, cap_merges, merge_count, prune_count
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import bipartite_soft_matching, combine_heads, drop_padding, prune_by_score
@@ -41,6 +41,14 @@ class Pumer(ReductionMethod):
 
     def proportional_attention(self) -> bool:
         return self.config.proportional_attention
+
+    @classmethod
+    def suggest_config(cls, trial, num_layers: int) -> PumerConfig:
+        """Reduction layers, prune ratio k, image merge ratio r and text merge ratio t (PuMer Table 4's knobs)."""
+        return PumerConfig(reduction_layers=suggest_layers(trial, num_layers),
+                           prune_ratio=trial.suggest_float("prune_ratio", 0.0, 0.8, step=0.05),
+                           image_merge_ratio=trial.suggest_float("image_merge_ratio", 0.0, 0.5, step=0.05),
+                           text_merge_ratio=trial.suggest_float("text_merge_ratio", 0.0, 0.3, step=0.05))
 
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         plans = []

@@ -86,6 +86,9 @@ class TokenStream:
         self.saliency: torch.Tensor | None = None  # (B, H, V) per head, over the image segment
         self.hidden: torch.Tensor | None = None  # (B, N, C) token features at a reduction layer (DynamicViT)
         self.bias_cache: torch.Tensor | None = None
+        # the plan of the last reduction and the text-saliency scores it saw, until the handle reads them
+        self.last_plan: ReductionPlan | None = None
+        self.last_saliency: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -153,6 +156,7 @@ class TokenStream:
         return plan
 
     def _apply(self, plan: ReductionPlan) -> None:
+        self.last_plan, self.last_saliency = plan, self.saliency
         if not plan.is_identity:
             if plan.merges or self.size is not None:  # keep-or-drop plans leave sizes of 1 unset
                 self.size = plan.apply_size(self.size)

@@ -206,6 +206,22 @@ class Task:
         """Scores of trivial predictors on ``split`` to print beside the results (default: none)."""
         return {}
 
+    def token_texts(self, input_ids: Sequence[int]) -> list[str]:
+        """The text of every input token id (``pumer-plug show``); default: the ids themselves."""
+        return [str(i) for i in input_ids]
+
+    def answer_text(self, output: Any) -> str:
+        """How an output of :meth:`predictions` reads (``pumer-plug show``); default: ``str(output)``."""
+        return str(output)
+
+    def encode_example(self, image: Any, question: str) -> dict[str, torch.Tensor]:
+        """Model inputs (a one-example batch) of a new PIL ``image`` and ``question`` (``pumer-plug show --image``).
+
+        Raises:
+            UserError: the task cannot encode new examples (the default).
+        """
+        raise UserError(f"task {self.name!r} cannot encode a new image and question; draw a split example with --index")
+
     def default_config(self, method: str) -> Any:
         """The config of ``method`` for this task's model (``default_configs``, else the method's default)."""
         return load_config(method, self.default_configs.get(method))

@@ -17,7 +17,7 @@ from pumer_plug.registry import TASKS
 
 from . import builtin
 from .base import Batch, Reiterable, Task, TaskOptions
-from .digits import SPLITS, DigitsVQA, majority_answer_accuracy, question_prior_accuracy
+from .digits import ANSWER_VOCAB, CANVAS_PX, SPLITS, DigitsVQA, majority_answer_accuracy, question_prior_accuracy
 
 NUM_TRAIN_EXAMPLES = 2048
 
@@ -92,6 +92,26 @@ class BuiltinDigitsTask(Task):
 
     def train_batches(self, batch_size: int, seed: int, num_examples: int) -> Sequence[Batch]:
         return DatasetBatches(self.dataset("train", num_examples), batch_size, seed)
+
+    def token_texts(self, input_ids: Sequence[int]) -> list[str]:
+        if self._tokenizer is None:
+            _, self._tokenizer = builtin.load_builtin_model(self.options.cache_dir)
+        return [self._tokenizer.id_to_token(int(i)) or str(i) for i in input_ids]
+
+    def encode_example(self, image, question: str) -> dict[str, torch.Tensor]:
+        """A greyscale canvas of the task's size (light ink on a dark background, as the digits) and the question."""
+        if self._tokenizer is None:
+            _, self._tokenizer = builtin.load_builtin_model(self.options.cache_dir)
+        grey = np.asarray(image.convert("L").resize((CANVAS_PX, CANVAS_PX)), dtype=np.float32) / 127.5 - 1.0
+        enc = self._tokenizer.encode(question)
+        ids = torch.tensor([enc.ids], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.tensor([enc.attention_mask], dtype=torch.long),
+                "token_type_ids": torch.tensor([enc.type_ids], dtype=torch.long),
+                "pixel_values": torch.from_numpy(grey)[None, None],
+                "pixel_mask": torch.ones(1, CANVAS_PX, CANVAS_PX, dtype=torch.long)}
+
+    def answer_text(self, output: int) -> str:
+        return ANSWER_VOCAB[output]
 
     def reference_accuracies(self, split: str = "test") -> dict[str, float]:
         """Accuracies of trivial predictors on ``split``: always the most frequent train answer, and

@@ -46,6 +46,15 @@ def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict
     return {m: chosen.get(m) or task.default_config(m) for m in methods}
 
 
+def _task_options(args: argparse.Namespace, **fields: Any) -> Any:
+    """The ``TaskOptions`` of a command: ``fields`` plus the model and data options (``--model``, ``--data-dir``, ...)."""
+    from pumer_plug.evaluation.tasks import TaskOptions
+
+    return TaskOptions(model=args.model, data_dir=args.data_dir, split=args.split, limit=args.limit, workers=args.workers,
+                       skip_bad_images=args.skip_bad_images, trust_remote_code=args.trust_remote_code,
+                       overwrite=args.overwrite, **fields)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
     from pumer_plug.evaluation.studies.report import format_references, format_table, write_results
@@ -54,13 +63,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.find_batch_size and torch.device(args.device).type != "cuda":
         raise UserError(f"--find-batch-size needs a CUDA device, got --device {args.device}; pass --batch-size instead")
     methods = _parse_methods(args.methods)
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, retrain=args.retrain))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, retrain=args.retrain))
     configs = _method_configs(methods, args.config or [], task)
     specs = [MethodSpec(m, configs[m]) for m in methods]
     rows = run_compare(task, specs, batch_size=None if args.find_batch_size else args.batch_size, device=args.device,
                        rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
-                       predictions_dir=args.output if args.save_predictions else None)
+                       predictions_dir=args.output if args.save_predictions or task.writes_predictions else None)
     print(format_table(rows))
+    for key, value in task.run_notes().items():
+        print(f"{key}: {value}")
     references = task.reference_accuracies()
     if references:
         print(format_references(references))
@@ -148,7 +159,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if method == "none" and args.config:
         raise UserError("--config needs a reduction --method (the dense model has no config)")
     config = _finetune_config(args, method=method, method_config=args.config, checkpoint_every=args.checkpoint_every)
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir))
     output = Path(args.output or f"results/finetune/{method}")
     result = finetune(task, config, output, resume=args.resume, device=args.device)
     initial = result.initial_val_accuracy
@@ -174,7 +185,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for point in grid.points:
             print(f"{point.method:11s} {point.label:40s} {point.key(finetune_base)}")
         return 0
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
     results = output / "results.jsonl"
     records = run_sweep(task, grid.points, results, name=grid.name, finetune_base=finetune_base,
                         batch_size=args.batch_size, device=args.device, rounds=args.rounds,

@@ -107,6 +107,7 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     gflops = {v.name: measure_flops(model, timing[0], v.attach, device=dev) for v in variants}
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
     env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
+    env.update(task.run_notes())  # what was evaluated: subset, skipped images, label coverage
     return compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)
 

@@ -1,0 +1,114 @@
+"""Benchmark tasks end to end: a user-made tiny ViLT directory (model + processor saved with
+``save_pretrained``) and data folders in the public layouts, through ``pumer-plug compare``/``finetune``.
+
+The VQA accuracy of the written predictions is recomputed here by an independent, deliberately
+plain implementation of the official rules (not :mod:`vqa_metric`), and must equal the printed one.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pumer_plug.cli import main
+from tests import fixtures_benchmarks as fx
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+    {w for q in fx.VQA_FIXTURE_QUESTIONS for w in re.findall(r"\w+|[^\w\s]", q[0].lower())}
+    | {"a", "the", "cat", "dog", "two", "left", "right", "image", "man", "is", "there"})
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=16, max_position_embeddings=16, vocab_size=len(VOCAB))
+METHOD_CONFIGS = {"pumer": {"reduction_layers": [1], "prune_ratio": 0.2, "image_merge_ratio": 0.2},
+                  "tome": {"r": 2}}
+
+
+def save_tiny_vilt(path: Path, cls_name: str, labels: tuple[str, ...], **overrides) -> Path:
+    """Writes a random-init ViLT and a locally built ViltProcessor (32 px images) to ``path``."""
+    import torch
+    import transformers
+    from transformers import BertTokenizerFast, ViltConfig, ViltImageProcessor, ViltProcessor
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    image_processor = ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=16)
+    config = ViltConfig(**{**TINY, **overrides}, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    torch.manual_seed(0)
+    getattr(transformers, cls_name)(config).save_pretrained(path)
+    ViltProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def method_configs(tmp_path: Path) -> list[str]:
+    out = []
+    for method, config in METHOD_CONFIGS.items():
+        file = tmp_path / f"{method}.json"
+        file.write_text(json.dumps(config))
+        out += ["--config", f"{method}={file}"]
+    return out
+
+
+# -- an independent VQA accuracy (official rules, written plainly) -------------------------------------
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
+def _normalize(text: str) -> str:
+    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    text = re.sub(r"(?!<=\d)(\.)(?!\d)", "", text)
+    for p in ';/[]"{}()=+\\_-><@`,?!':
+        text = text.replace(p, "" if (p + " " in text or " " + p in text) else " ")
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def plain_vqa_accuracy(answers: dict, annotations: list[dict]) -> float:
+    total = 0.0
+    for ann in annotations:
+        gts = [a["answer"].strip() for a in ann["answers"]]
+        pred = answers[ann["question_id"]].strip()
+        if len(set(gts)) > 1:
+            gts, pred = [_normalize(g) for g in gts], _normalize(pred)
+        accs = []
+        for i in range(len(gts)):
+            others = gts[:i] + gts[i + 1:]
+            accs.append(min(1.0, sum(g == pred for g in others) / 3))
+        total += sum(accs) / len(accs)
+    return total / len(annotations)
+
+
+@pytest.fixture(scope="module")
+def vqa_model(tmp_path_factory) -> Path:
+    return save_tiny_vilt(tmp_path_factory.mktemp("models") / "vilt-vqa", "ViltForQuestionAnswering", fx.VQA_FIXTURE_ANSWERS)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compare_vqav2_writes_official_predictions_whose_accuracy_equals_the_printed_one(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=8)
+    output = tmp_path / "out"
+    code, out, err = run_cli(["compare", "--task", "vqav2", "--data-dir", str(data), "--model", str(vqa_model),
+                              "--methods", "dense,pumer,tome", *method_configs(tmp_path), "--batch-size", "4",
+                              "--rounds", "1", "--timing-batches", "1", "--output", str(output), "--limit", "6"], capsys)
+    assert code == 0, err
+    annotations = json.loads((data / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", "pumer", "tome"]
+    assert "6 of 8 questions, seed 0" in out
+    for row in rows:
+        name = row["method"]
+        results = json.loads((output / name / "vqav2_val_results.json").read_text())
+        answers = {r["question_id"]: r["answer"] for r in results}
+        assert len(answers) == 6 and set(answers) <= {a["question_id"] for a in annotations}
+        expected = plain_vqa_accuracy(answers, [a for a in annotations if a["question_id"] in answers])
+        assert row["accuracy"] == pytest.approx(expected, abs=1e-12)
+        info = json.loads((output / name / "run_info.json").read_text())
+        assert info["examples"] == "6 of 8 questions, seed 0"
+        assert f"{100 * row['accuracy']:.2f}" in out  # the printed table shows the same number

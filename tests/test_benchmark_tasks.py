@@ -112,3 +112,71 @@ def test_compare_vqav2_writes_official_predictions_whose_accuracy_equals_the_pri
         info = json.loads((output / name / "run_info.json").read_text())
         assert info["examples"] == "6 of 8 questions, seed 0"
         assert f"{100 * row['accuracy']:.2f}" in out  # the printed table shows the same number
+
+
+def test_finetune_vqav2_lowers_the_training_loss(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "train", num_questions=12)
+    fx.write_vqav2(data, "val", num_questions=6)
+    output = tmp_path / "ft"
+    code, out, err = run_cli(["finetune", "--task", "vqav2", "--data-dir", str(data), "--model", str(vqa_model),
+                              "--method", "pumer", "--config", str(method_configs(tmp_path)[1].split("=", 1)[1]),
+                              "--epochs", "4", "--patience", "4", "--train-batch-size", "4", "--num-train-examples", "12",
+                              "--num-val-examples", "6", "--lr", "1e-3", "--no-distill", "--output", str(output)], capsys)
+    assert code == 0, err
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 4
+    assert history[-1]["train_task"] < history[0]["train_task"]
+
+
+def _compare_args(data: Path, model: Path, output: Path, *extra: str) -> list[str]:
+    return ["compare", "--task", "vqav2", "--data-dir", str(data), "--model", str(model), "--methods", "dense",
+            "--batch-size", "4", "--rounds", "1", "--timing-batches", "1", "--output", str(output), *extra]
+
+
+def _one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("pumer-plug: error:")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_data_file_names_the_file_and_layout(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    (data / "v2_mscoco_val2014_annotations.json").unlink()
+    code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, "v2_mscoco_val2014_annotations.json")
+
+
+def test_a_model_whose_head_does_not_fit_names_the_heads_that_fit(tmp_path, capsys):
+    model = save_tiny_vilt(tmp_path / "retrieval", "ViltForImageAndTextRetrieval", ("x",))
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    code, _, err = run_cli(_compare_args(data, model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, "ViltForImageAndTextRetrieval", "ViltForQuestionAnswering")
+
+
+def test_a_missing_model_directory_is_one_line(tmp_path, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    code, _, err = run_cli(_compare_args(data, tmp_path / "no-such-model", tmp_path / "out"), capsys)
+    _one_line_error(code, err, "no-such-model")
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=6)
+    bad = data / "val2014" / f"COCO_val2014_{fx.vqav2_image_id(1):012d}.jpg"
+    fx.write_corrupt_image(bad)
+    code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, bad.name)
+    code, out, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out2", "--skip-bad-images"), capsys)
+    assert code == 0, err
+    assert "skipped_images: 2" in out  # the two questions about the bad image
+    results = json.loads((tmp_path / "out2" / "dense" / "vqav2_val_results.json").read_text())
+    assert len(results) == 4
+
+
+def test_test_dev_writes_a_submission_file_only(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "test-dev", num_questions=4)
+    code, out, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out", "--split", "test-dev"), capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "dense" / "vqav2_test-dev_results.json").read_text())
+    assert len(results) == 4 and all(isinstance(r["answer"], str) for r in results)

@@ -180,3 +180,74 @@ def test_test_dev_writes_a_submission_file_only(tmp_path, vqa_model, capsys):
     assert code == 0, err
     results = json.loads((tmp_path / "out" / "dense" / "vqav2_test-dev_results.json").read_text())
     assert len(results) == 4 and all(isinstance(r["answer"], str) for r in results)
+
+
+def _read_csv(path: Path) -> dict[str, str]:
+    return dict(line.split(",", 1) for line in path.read_text().splitlines() if line)
+
+
+def _compare_all(task: str, data: Path, model: Path, tmp_path: Path, capsys, *extra: str) -> tuple[list[dict], str, Path]:
+    output = tmp_path / "out"
+    code, out, err = run_cli(["compare", "--task", task, "--data-dir", str(data), "--model", str(model),
+                              "--methods", "dense,pumer,tome", *method_configs(tmp_path), "--batch-size", "4",
+                              "--rounds", "1", "--timing-batches", "1", "--output", str(output), *extra], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", "pumer", "tome"]
+    return rows, out, output
+
+
+@pytest.mark.parametrize("layout", ["json", "arrow"])
+def test_compare_nlvr2_accuracy_of_the_written_predictions_equals_the_printed_one(tmp_path, capsys, layout):
+    model = save_tiny_vilt(tmp_path / "vilt-nlvr2", "ViltForImagesAndTextClassification", ("False", "True"),
+                           num_images=2, modality_type_vocab_size=3)
+    data = tmp_path / "nlvr2"
+    if layout == "json":
+        fx.write_nlvr2(data, "dev", num_pairs=3)
+        gold = {json.loads(l)["identifier"]: json.loads(l)["label"] for l in (data / "dev.json").read_text().splitlines()}
+    else:
+        fx.write_nlvr2_arrow(data, "dev", num_pairs=2)
+        gold = None
+    rows, out, output = _compare_all("nlvr2", data, model, tmp_path, capsys)
+    for row in rows:
+        predicted = _read_csv(output / row["method"] / "nlvr2_dev_predictions.csv")
+        assert set(predicted.values()) <= {"True", "False"}
+        if gold is not None:
+            assert set(predicted) == set(gold)
+            assert row["accuracy"] == pytest.approx(sum(predicted[k] == gold[k] for k in gold) / len(gold))
+        assert f"{100 * row['accuracy']:.2f}" in out
+
+
+@pytest.mark.parametrize("layout", ["json", "arrow"])
+def test_compare_snli_ve_accuracy_of_the_written_predictions_equals_the_printed_one(tmp_path, capsys, layout):
+    model = save_tiny_vilt(tmp_path / "vilt-ve", "ViltForQuestionAnswering", ("contradiction", "neutral", "entailment"))
+    data = tmp_path / "snli-ve"
+    if layout == "json":
+        fx.write_snli_ve(data, "test", num_images=2, hypotheses_per_image=3)
+        gold = {json.loads(l)["pairID"]: json.loads(l)["gold_label"]
+                for l in (data / "snli_ve_test.jsonl").read_text().splitlines()}
+    else:
+        fx.write_snli_arrow(data, "test", num_images=2)
+        gold = None
+    rows, out, output = _compare_all("snli-ve", data, model, tmp_path, capsys)
+    for row in rows:
+        predicted = _read_csv(output / row["method"] / "snli-ve_test_predictions.csv")
+        if gold is not None:
+            assert set(predicted) == set(gold)
+            assert row["accuracy"] == pytest.approx(sum(predicted[k] == gold[k] for k in gold) / len(gold))
+        assert f"{100 * row['accuracy']:.2f}" in out
+
+
+def test_compare_vqav2_on_vilts_arrow_table(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2_arrow(tmp_path / "arrow", "val", num_images=3)
+    rows, out, output = _compare_all("vqav2", data, vqa_model, tmp_path, capsys)
+    assert "soft-score" in out
+    for row in rows:
+        assert len(json.loads((output / row["method"] / "vqav2_val_results.json").read_text())) == 6
+
+
+def test_a_classifier_without_the_tasks_labels_is_refused(tmp_path, vqa_model, capsys):
+    data = fx.write_snli_ve(tmp_path / "snli-ve", "test")
+    code, _, err = run_cli(["compare", "--task", "snli-ve", "--data-dir", str(data), "--model", str(vqa_model),
+                            "--methods", "dense", "--output", str(tmp_path / "out")], capsys)
+    _one_line_error(code, err, "entailment")

@@ -251,3 +251,26 @@ def test_a_classifier_without_the_tasks_labels_is_refused(tmp_path, vqa_model, c
     code, _, err = run_cli(["compare", "--task", "snli-ve", "--data-dir", str(data), "--model", str(vqa_model),
                             "--methods", "dense", "--output", str(tmp_path / "out")], capsys)
     _one_line_error(code, err, "entailment")
+
+
+@pytest.mark.parametrize("layout", ["json", "arrow"])
+def test_compare_flickr30k_recall_of_the_written_scores_equals_the_printed_one(tmp_path, capsys, layout):
+    model = save_tiny_vilt(tmp_path / "vilt-itm", "ViltForImageAndTextRetrieval", ("match",))
+    data = tmp_path / "f30k"
+    if layout == "json":
+        fx.write_flickr30k(data, {"test": 3, "train": 1, "val": 1}, captions_per_image=2)
+    else:
+        fx.write_f30k_arrow(data, "test", num_images=3, captions_per_image=2)
+    rows, out, output = _compare_all("flickr30k", data, model, tmp_path, capsys)
+    for row in rows:
+        scores = json.loads((output / row["method"] / "flickr30k_test_scores.json").read_text())
+        assert len(scores) == 3 * 6  # the full gallery: every image against every caption
+        by_image: dict[str, dict[int, float]] = {}
+        for s in scores:
+            by_image.setdefault(s["image"], {})[s["caption_index"]] = s["score"]
+        images = list(by_image)
+        own = {t: t // 2 for t in range(6)}  # captions are grouped by image, two each
+        hits = sum(max(range(6), key=lambda t: (by_image[images[i]][t], -t)) in [t for t in own if own[t] == i]
+                   for i in range(3))
+        assert row["accuracy"] == pytest.approx(hits / 3)  # TR R@1: the best caption of each image is its own
+        assert f"{100 * row['accuracy']:.2f}" in out

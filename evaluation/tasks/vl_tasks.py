@@ -52,13 +52,21 @@ class ExampleDataset(Dataset):
     def __init__(self, inputs: Sequence[tuple[tuple[ImageSource, ...], str, str]], targets: Sequence[Any], skip_bad_images: bool):
         self.inputs, self.targets = inputs, targets
         self.decoder = ImageDecoder(skip_bad_images)
+        self._last: tuple[Any, Any] = (None, None)  # (source, image): retrieval pairs repeat an image back to back
 
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def _decode(self, source: ImageSource, name: str):
+        if self._last[0] is not None and self._last[0] == source:
+            return self._last[1]
+        image = self.decoder(source, name if not isinstance(source, Path) else None)
+        self._last = (source, image)
+        return image
+
     def __getitem__(self, index: int):
         sources, text, name = self.inputs[index]
-        images = [self.decoder(source, name if not isinstance(source, Path) else None) for source in sources]
+        images = [self._decode(source, name) for source in sources]
         if any(image is None for image in images):
             return None, text, self.targets[index]
         return images, text, self.targets[index]

@@ -274,3 +274,24 @@ def test_compare_flickr30k_recall_of_the_written_scores_equals_the_printed_one(t
                    for i in range(3))
         assert row["accuracy"] == pytest.approx(hits / 3)  # TR R@1: the best caption of each image is its own
         assert f"{100 * row['accuracy']:.2f}" in out
+
+
+def test_compare_custom_vqa_lines(tmp_path, vqa_model, capsys):
+    data = fx.write_custom(tmp_path / "mine", "val", kind="vqa", num_examples=4)
+    rows, out, output = _compare_all("custom", data, vqa_model, tmp_path, capsys)
+    records = [json.loads(l) for l in (data / "val.jsonl").read_text().splitlines()]
+    for row in rows:
+        answers = {r["question_id"]: r["answer"] for r in json.loads((output / row["method"] / "vqav2_val_results.json").read_text())}
+        annotations = [{"question_id": r["id"], "answers": [{"answer": a} for a in r["answers"]]} for r in records]
+        assert row["accuracy"] == pytest.approx(plain_vqa_accuracy(answers, annotations), abs=1e-12)
+
+
+def test_compare_custom_two_image_classification_lines(tmp_path, capsys):
+    model = save_tiny_vilt(tmp_path / "vilt-nlvr2", "ViltForImagesAndTextClassification", ("False", "True"),
+                           num_images=2, modality_type_vocab_size=3)
+    data = fx.write_custom(tmp_path / "mine", "val", kind="classification", num_examples=4)
+    rows, out, output = _compare_all("custom", data, model, tmp_path, capsys)
+    gold = {json.loads(l)["id"]: json.loads(l)["label"] for l in (data / "val.jsonl").read_text().splitlines()}
+    for row in rows:
+        predicted = _read_csv(output / row["method"] / "custom_val_predictions.csv")
+        assert row["accuracy"] == pytest.approx(sum(predicted[k] == gold[k] for k in gold) / len(gold))

@@ -295,3 +295,20 @@ def test_compare_custom_two_image_classification_lines(tmp_path, capsys):
     for row in rows:
         predicted = _read_csv(output / row["method"] / "custom_val_predictions.csv")
         assert row["accuracy"] == pytest.approx(sum(predicted[k] == gold[k] for k in gold) / len(gold))
+
+
+def test_sweep_and_plot_on_vqav2(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=6)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"name": "tiny", "points": [
+        {"method": "pumer", "base": {"reduction_layers": [1]}, "configs": [{"prune_ratio": 0.2}, {"prune_ratio": 0.4}]},
+        {"method": "tome", "vary": {"r": [1, 2]}}]}))
+    output = tmp_path / "sweep"
+    code, out, err = run_cli(["sweep", "--task", "vqav2", "--data-dir", str(data), "--model", str(vqa_model),
+                              "--grid", str(grid), "--batch-size", "3", "--rounds", "1", "--timing-batches", "1",
+                              "--output", str(output)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(r["status"] == "ok" for r in records)
+    assert all(0 <= r["accuracy"] <= 1 for r in records)
+    assert (output / "tradeoff.png").is_file()

@@ -312,3 +312,21 @@ def test_sweep_and_plot_on_vqav2(tmp_path, vqa_model, capsys):
     assert len(records) == 5 and all(r["status"] == "ok" for r in records)
     assert all(0 <= r["accuracy"] <= 1 for r in records)
     assert (output / "tradeoff.png").is_file()
+
+
+def test_dataloader_workers_give_the_same_predictions(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=6)
+    results = []
+    for workers in ("0", "2"):
+        code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / f"out{workers}", "--workers", workers), capsys)
+        assert code == 0, err
+        results.append((tmp_path / f"out{workers}" / "dense" / "vqav2_val_results.json").read_text())
+    assert results[0] == results[1]
+
+
+def test_an_output_file_the_run_did_not_create_is_not_replaced_silently(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    assert run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)[0] == 0
+    code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, "--overwrite")
+    assert run_cli(_compare_args(data, vqa_model, tmp_path / "out", "--overwrite"), capsys)[0] == 0

@@ -100,7 +100,7 @@ def max_text_length(model: nn.Module) -> int:
     """The longest text the model embeds (ViLT: ``max_position_embeddings``, 40)."""
     config = model.config
     text_config = getattr(config, "text_config", None) or config  # BridgeTower nests its text config
-    return int(getattr(text_config, "max_position_embeddings", 512))
+    return min(int(getattr(text_config, "max_position_embeddings", 512)), 512)
 
 
 def id2label(model: nn.Module) -> dict[int, str]:

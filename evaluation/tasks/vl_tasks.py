@@ -87,8 +87,8 @@ class Collate:
         if not kept:
             raise DataError(f"every image of a batch of {len(items)} examples is corrupt; check the image files")
         texts = [text for _, text, _ in kept]
-        encoded = dict(self.processor.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
-                                                return_tensors="pt"))
+        encoded = dict(self.processor.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
+                                                return_tensors="pt"))  # (B, T), T = longest text in the batch
         images = [image for item in kept for image in item[0]]  # (B * num_images) images, example-major
         pixels = dict(self.processor.image_processor(images, return_tensors="pt"))
         if self.num_images > 1:

@@ -20,13 +20,13 @@ from pumer_plug.errors import UserError
 from pumer_plug.registry import TASKS
 
 from .arrow_tables import read_f30k_arrow
-from .base import Batch, Predictions
-from .data_files import DataError, ImageSource
+from .base import Predictions
+from .data_files import DataError
 from .flickr30k import RetrievalSplit, read_flickr30k
 from .predictions import RunOutputs
 from .retrieval_metric import retrieval_recall
 from .subset import seeded_subset
-from .vl_tasks import ExampleDataset, DataTask, Part
+from .vl_tasks import DataTask, ExampleDataset, Part
 
 
 @TASKS.register("flickr30k")

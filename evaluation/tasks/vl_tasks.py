@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
 
@@ -223,10 +224,15 @@ class DataTask(Task):
         was_training = model.training
         model.eval()
         result = Predictions()
+        bar = tqdm(unit=self.unit, desc=f"{self.name} pass", leave=False, disable=None)  # no bar off a terminal
         with torch.inference_mode():
             for inputs, ids in batches:
+                if bar.total is None and len(ids):  # the pass's size is known from its first example
+                    bar.total = len(self.part_of(Predictions(targets=ids[:1].tolist())).examples)
                 result.outputs += self.decode(model(**inputs).logits.float())
                 result.targets += ids.tolist()
+                bar.update(len(ids))
+        bar.close()
         model.train(was_training)
         return result
 

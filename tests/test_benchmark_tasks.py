@@ -330,3 +330,18 @@ def test_an_output_file_the_run_did_not_create_is_not_replaced_silently(tmp_path
     code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
     _one_line_error(code, err, "--overwrite")
     assert run_cli(_compare_args(data, vqa_model, tmp_path / "out", "--overwrite"), capsys)[0] == 0
+
+
+def test_finetune_nlvr2_runs_on_class_targets(tmp_path, capsys):
+    model = save_tiny_vilt(tmp_path / "vilt-nlvr2", "ViltForImagesAndTextClassification", ("False", "True"),
+                           num_images=2, modality_type_vocab_size=3)
+    data = fx.write_nlvr2(tmp_path / "nlvr2", "train", num_pairs=4)
+    fx.write_nlvr2(data, "dev", num_pairs=2)
+    output = tmp_path / "ft"
+    code, out, err = run_cli(["finetune", "--task", "nlvr2", "--data-dir", str(data), "--model", str(model),
+                              "--method", "tome", "--config", str(method_configs(tmp_path)[3].split("=", 1)[1]),
+                              "--epochs", "3", "--patience", "3", "--train-batch-size", "4", "--num-train-examples", "8",
+                              "--num-val-examples", "4", "--lr", "1e-3", "--no-distill", "--output", str(output)], capsys)
+    assert code == 0, err
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and all(0 < h["train_task"] < 10 for h in history)  # CE on True/False (learning: see vqav2)

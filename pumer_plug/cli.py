@@ -70,6 +70,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                        rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
                        predictions_dir=args.output if args.save_predictions or task.writes_predictions else None)
     print(format_table(rows))
+    for row in rows:  # the task's other metrics (per answer type, IR recall, ...), one line per method
+        extra = {k: v for k, v in row.get("metrics", {}).items() if k != task.metric and v is not None}
+        if extra:
+            print(f"{row['method']}: " + ", ".join(f"{k} {100 * v:.2f}" if k != "rsum" else f"{k} {v:.2f}"
+                                                     for k, v in extra.items()))
     for key, value in task.run_notes().items():
         print(f"{key}: {value}")
     references = task.reference_accuracies()

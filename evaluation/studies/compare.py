@@ -93,11 +93,12 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
         batch_size = largest_batch_size(task, model, dev, cast)
     test = on_device(task.batches("test", batch_size), dev, cast)
     variants = make_variants(task, specs)
-    accuracy = {}
+    accuracy, scores = {}, {}
     for variant in tqdm(variants, desc="accuracy", disable=not progress):
         with attached(model, variant.attach):
             predictions = task.predictions(model, test)
-        accuracy[variant.name] = task.metrics(predictions)[task.metric]
+        scores[variant.name] = task.metrics(predictions)  # every key of the task's metrics, recorded per row
+        accuracy[variant.name] = scores[variant.name][task.metric]
         if predictions_dir is not None:
             Path(predictions_dir).mkdir(parents=True, exist_ok=True)
             task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
@@ -108,6 +109,9 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
     env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
     env.update(task.run_notes())  # what was evaluated: subset, skipped images, label coverage
-    return compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
+    rows = compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)
+    for row in rows:
+        row["metrics"] = scores[row["method"]]
+    return rows
 

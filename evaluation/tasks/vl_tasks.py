@@ -33,6 +33,9 @@ from .user_model import UserModel, load_user_model, max_text_length
 DATA_TASK_OPTIONS = frozenset({"model", "data_dir", "split", "limit", "workers", "skip_bad_images",
                                "trust_remote_code", "overwrite"})
 
+#: notes that hold one method's scores: written to its run_info.json, not shared by the run's rows
+PER_METHOD_NOTES = frozenset({"vqa_accuracy_per_answer_type", "accuracy_per_class", "recall"})
+
 
 @dataclasses.dataclass(frozen=True)
 class Part:
@@ -253,7 +256,8 @@ class DataTask(Task):
         return part, examples, outputs
 
     def run_notes(self) -> dict[str, Any]:
-        return dict(self.notes)
+        """The notes shared by every method of a run (per-method scores go to each method's ``run_info.json``)."""
+        return {k: v for k, v in self.notes.items() if k not in PER_METHOD_NOTES}
 
     def outputs(self, root: Path) -> RunOutputs:
         if self._outputs is None or self._outputs.root != root:

@@ -274,8 +274,8 @@ def test_compare_flickr30k_recall_of_the_written_scores_equals_the_printed_one(t
                    for i in range(3))
         assert row["accuracy"] == pytest.approx(hits / 3)  # TR R@1: the best caption of each image is its own
         assert 0 <= row["metrics"]["ir_r1"] <= row["metrics"]["ir_r5"] <= 1
-    assert "ir_r1" in out and "full gallery of 3 images x 6 captions" in out
         assert f"{100 * row['accuracy']:.2f}" in out
+    assert "ir_r1" in out and "full gallery of 3 images x 6 captions" in out
 
 
 def test_compare_custom_vqa_lines(tmp_path, vqa_model, capsys):

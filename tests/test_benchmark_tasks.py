@@ -347,3 +347,34 @@ def test_finetune_nlvr2_runs_on_class_targets(tmp_path, capsys):
     assert code == 0, err
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 3 and all(0 < h["train_task"] < 10 for h in history)  # CE on True/False (learning: see vqav2)
+
+
+def save_tiny_bridgetower_retrieval(path: Path) -> Path:
+    """A random-init BridgeTowerForImageAndTextRetrieval with a locally built byte-level BPE processor."""
+    import torch
+    from transformers import BridgeTowerForImageAndTextRetrieval, BridgeTowerImageProcessor, BridgeTowerProcessor, RobertaTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from tests.backbones import tiny_bridgetower_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + list(bytes_to_unicode().values())
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = RobertaTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    image_processor = BridgeTowerImageProcessor(size={"shortest_edge": 64}, crop_size={"shortest_edge": 64})
+    config = tiny_bridgetower_config(text_config=dict(vocab_size=len(tokens), hidden_size=64, num_hidden_layers=4,
+                                                      num_attention_heads=4, intermediate_size=128, max_position_embeddings=80))
+    torch.manual_seed(0)
+    BridgeTowerForImageAndTextRetrieval(config).save_pretrained(path)
+    BridgeTowerProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_compare_flickr30k_on_bridgetower(tmp_path, capsys):
+    model = save_tiny_bridgetower_retrieval(tmp_path / "bridgetower-itm")
+    data = fx.write_flickr30k(tmp_path / "f30k", {"test": 3}, captions_per_image=2)
+    rows, out, output = _compare_all("flickr30k", data, model, tmp_path, capsys)
+    for row in rows:
+        assert len(json.loads((output / row["method"] / "flickr30k_test_scores.json").read_text())) == 18
+        assert 0 <= row["accuracy"] <= 1

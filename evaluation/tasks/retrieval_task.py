@@ -70,7 +70,7 @@ class Flickr30kRetrievalTask(DataTask):
                           collate_fn=self._collate())
 
     def decode(self, logits: torch.Tensor) -> list[float]:
-        return logits[:, 0].tolist()  # (B, 1) ITM score
+        return logits[:, -1].tolist()  # ITM score: ViLT (B, 1); BridgeTower (B, 2), the "match" class
 
     def metrics(self, predictions: Predictions) -> dict[str, float]:
         part, examples, outputs = self.evaluated(predictions)

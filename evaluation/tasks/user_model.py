@@ -16,10 +16,11 @@ import torch.nn as nn
 from pumer_plug.errors import UserError
 
 #: task -> model classes (HF ``architectures`` names) whose head fits it, and the adapter of each
+#: (transformers has no BridgeTower VQA/NLVR2/SNLI-VE heads; METER checkpoints are not HF models)
 TASK_HEADS: dict[str, dict[str, str]] = {
-    "vqa": {"ViltForQuestionAnswering": "vilt", "BridgeTowerForQuestionAnswering": "bridgetower"},
+    "vqa": {"ViltForQuestionAnswering": "vilt"},
     "nlvr2": {"ViltForImagesAndTextClassification": "vilt"},
-    "classification": {"ViltForQuestionAnswering": "vilt", "BridgeTowerForQuestionAnswering": "bridgetower"},
+    "classification": {"ViltForQuestionAnswering": "vilt"},
     "retrieval": {"ViltForImageAndTextRetrieval": "vilt", "BridgeTowerForImageAndTextRetrieval": "bridgetower"},
 }
 

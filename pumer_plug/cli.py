@@ -63,28 +63,44 @@ def _output_folder(path: str | Path, option: str = "--output") -> Path:
     return folder
 
 
+def _task_options(args: argparse.Namespace, **fields: Any) -> Any:
+    """The ``TaskOptions`` of a command: ``fields`` plus the model and data options (``--model``, ``--data-dir``, ...)."""
+    from pumer_plug.evaluation.tasks import TaskOptions
+
+    return TaskOptions(model=args.model, data_dir=args.data_dir, split=args.split, limit=args.limit, workers=args.workers,
+                       skip_bad_images=args.skip_bad_images, trust_remote_code=args.trust_remote_code,
+                       overwrite=args.overwrite, **fields)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
     from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
     from pumer_plug.evaluation.studies.report import (format_memory_note, format_references, format_table,
                                                       write_results)
-    from pumer_plug.evaluation.tasks import TaskOptions, get_task
+    from pumer_plug.evaluation.tasks import get_task
 
     if args.find_batch_size and torch.device(args.device).type != "cuda":
         raise UserError(f"--find-batch-size needs a CUDA device, got --device {args.device}; pass --batch-size instead")
     _output_folder(args.output)
     methods = _parse_methods(args.methods)
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, retrain=args.retrain))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, retrain=args.retrain))
     configs = _method_configs(methods, args.config or [], task)
     specs = [MethodSpec(m, configs[m]) for m in methods]
     rows = run_compare(task, specs, batch_size=None if args.find_batch_size else args.batch_size, device=args.device,
                        rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
-                       predictions_dir=args.output if args.save_predictions else None)
+                       predictions_dir=args.output if args.save_predictions or task.writes_predictions else None)
     references = task.reference_accuracies()
     print(format_table(rows, wide=args.wide, references=references))
     if references:
         print(format_references(references, rows))
+    for row in rows:  # the task's other metrics (per answer type, IR recall, ...), one line per method
+        extra = {k: v for k, v in row.get("metrics", {}).items() if k != task.metric and v is not None}
+        if extra:
+            print(f"{row['method']}: " + ", ".join(f"{k} {100 * v:.2f}" if k != "rsum" else f"{k} {v:.2f}"
+                                                     for k, v in extra.items()))
+    for key, value in task.run_notes().items():
+        print(f"{key}: {value}")
     paths = write_results(rows, args.output, references)
     print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} (all columns)")
     print(format_memory_note(rows))
@@ -207,7 +223,7 @@ def _finetune_config(args: argparse.Namespace, **fields: Any) -> Any:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.tasks import TaskOptions, get_task
+    from pumer_plug.evaluation.tasks import get_task
     from pumer_plug.evaluation.training.finetune import finetune
 
     if "," in args.method:
@@ -217,7 +233,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError("--config needs a reduction --method (the dense model has no config)")
     config = _finetune_config(args, method=method, method_config=args.config, checkpoint_every=args.checkpoint_every)
     output = _output_folder(args.output or f"results/finetune/{method}")
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir))
     result = finetune(task, config, output, resume=args.resume, device=args.device)
     initial = result.initial_val_accuracy
     print(f"finetuned {method} for {result.epochs_run} epoch(s), {result.steps} steps, {result.seconds:.0f} s"
@@ -233,12 +249,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from pumer_plug.evaluation.studies.plot import plot_results
     from pumer_plug.evaluation.studies.sweep import load_grid, run_sweep
-    from pumer_plug.evaluation.tasks import TaskOptions, get_task
+    from pumer_plug.evaluation.tasks import get_task
 
     if args.tuned:
         from pumer_plug.evaluation.studies.tune import tuned_grid
 
-        task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
+        task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
         studies = Path(args.output or "results/sweep/figure5-tuned")  # the tuning studies go to STUDIES/tune/
         grid = tuned_grid(task, _parse_methods(args.tune_methods), args.tuned, studies, measure=args.tune_measure,
                           budget=args.tune_budget, device=args.device)
@@ -253,7 +269,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{point.method:11s} {point.label:40s} {point.key(finetune_base)}")
         return 0
     _output_folder(output)
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
     results = output / "results.jsonl"
     records = run_sweep(task, grid.points, results, name=grid.name, finetune_base=finetune_base,
                         batch_size=args.batch_size, device=args.device, rounds=args.rounds,
@@ -289,12 +305,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pumer_plug.evaluation.studies.report import format_table, write_results
     from pumer_plug.evaluation.studies.tune import format_result, run_tune
-    from pumer_plug.evaluation.tasks import TaskOptions, get_task
+    from pumer_plug.evaluation.tasks import get_task
 
     method = _parse_methods(args.method)[0] if "," not in args.method else None
     if method is None or method == "dense":
         raise UserError(f"--method takes one reduction method, got {args.method!r}")
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
     output = Path(args.output or f"results/tune/{method}-x{args.target_speedup:g}-{args.measure}")
     result = run_tune(task, method, args.target_speedup, measure=args.measure, budget=args.budget, output_dir=output,
                       num_val_examples=args.num_val_examples, batch_size=args.batch_size, confirm=args.confirm,

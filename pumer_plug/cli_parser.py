@@ -73,6 +73,18 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate mixed precision (default: no)")
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("your model and data (tasks vqav2, nlvr2, snli-ve, flickr30k, custom; see docs/reproduce.md)")
+    g.add_argument("--model", default=None, help="HF model directory (model + processor) or an id in the local HF cache")
+    g.add_argument("--data-dir", default=None, help="folder holding the task's data in its official layout or ViLT's arrow tables")
+    g.add_argument("--split", default=None, help="data split to evaluate (default: the task's, e.g. val for vqav2)")
+    g.add_argument("--limit", type=_positive_int, default=None, help="evaluate a seeded subset of N examples (stated in the output)")
+    g.add_argument("--workers", type=_non_negative_int, default=None, help="DataLoader workers decoding images (default: 0)")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip and count corrupt images instead of stopping")
+    g.add_argument("--trust-remote-code", action="store_true", help="let the model directory's own code run (off by default)")
+    g.add_argument("--overwrite", action="store_true", help="replace prediction files this run did not create")
+
+
 def _compare_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("compare", help="dense model vs. reduction methods on a task (accuracy, throughput, memory, FLOPs)",
                        description="Evaluate the dense model and each method on the task's test split; print a table and write results.jsonl/results.md.")
@@ -94,6 +106,7 @@ def _compare_parser(sub: Any, run: Command) -> None:
                    help="print every column and the full config descriptions (default: a table that fits 120 columns)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     p.add_argument("--retrain", action="store_true", help="retrain the built-in model even if a cached one exists")
+    _add_data_options(p)
     _add_common(p)
     p.set_defaults(func=run)
 
@@ -140,6 +153,7 @@ def _finetune_parser(sub: Any, run: Command) -> None:
     p.add_argument("--checkpoint-every", type=_non_negative_int, default=0, help="also checkpoint every N steps (default: 0, epoch ends only)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
     _add_finetune_options(p)
+    _add_data_options(p)
     _add_common(p)
     p.set_defaults(func=run)
 
@@ -168,6 +182,7 @@ def _sweep_parser(sub: Any, run: Command) -> None:
     p.add_argument("--list-points", action="store_true", help="print the grid's points and keys, measure nothing")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
     _add_finetune_options(p)
+    _add_data_options(p)
     _add_common(p)
     p.set_defaults(func=run)
 
@@ -206,6 +221,7 @@ def _tune_parser(sub: Any, run: Command) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the TPE sampler (default: 0)")
     p.add_argument("--output", default=None, help="output folder (default: results/tune/METHOD-xTARGET-MEASURE)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
+    _add_data_options(p)
     _add_common(p)
     p.set_defaults(func=run)
 

@@ -99,7 +99,7 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
         batch_size = largest_batch_size(task, model, dev, cast)
     test = on_device(task.batches("test", batch_size), dev, cast)
     variants = make_variants(task, specs)
-    accuracy = {}
+    accuracy, scores = {}, {}
     with tqdm(desc="accuracy", unit="ex", disable=not progress) as bar:  # counts examples of every variant
         for k, variant in enumerate(variants):
             bar.set_postfix_str(variant.name)
@@ -108,7 +108,8 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
             if k == 0:  # the number of test examples is known after the first pass
                 bar.total = bar.n * len(variants)
                 bar.refresh()
-            accuracy[variant.name] = task.metrics(predictions)[task.metric]
+            scores[variant.name] = task.metrics(predictions)  # every key of the task's metrics, recorded per row
+            accuracy[variant.name] = scores[variant.name][task.metric]
             if predictions_dir is not None:
                 Path(predictions_dir).mkdir(parents=True, exist_ok=True)
                 task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
@@ -123,8 +124,11 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
         gflops[v.name] = measure_flops(model, timing[0], v.attach, device=dev)
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
     env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
+    env.update(task.run_notes())  # what was evaluated: subset, skipped images, label coverage
     rows = compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)
+    for row in rows:
+        row["metrics"] = scores[row["method"]]
     if train_memory:
         add_train_memory(rows, {v.name: measure_train_step_memory(model, timing[0], v.attach, device=dev) for v in variants})
     return rows

@@ -21,7 +21,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,13 @@ class TaskOptions:
         num_test_examples: size of the test split; None: the task's default (the whole split).
         model: a model path or id the task loads (tasks on the user's own checkpoint).
         data_dir: the folder holding the task's data (tasks on data on disk).
+        split: the data split evaluated as the test split (``--split``; None: the task's default).
+        limit: evaluate a seeded subset of this many examples (``--limit``; None: the whole split).
+        workers: DataLoader worker processes for decoding and preprocessing (``--workers``).
+        skip_bad_images: skip and count corrupt images instead of failing (``--skip-bad-images``).
+        trust_remote_code: allow a model directory's own code to run (``--trust-remote-code``).
+        rerank_top_k: retrieval only: re-rank the top k of a cheap first stage (not comparable to the paper).
+        overwrite: replace prediction files this run did not create (``--overwrite``).
     """
 
     cache_dir: str | None = None
@@ -55,6 +61,13 @@ class TaskOptions:
     num_test_examples: int | None = None
     model: str | None = None
     data_dir: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    workers: int | None = None
+    skip_bad_images: bool = False
+    trust_remote_code: bool = False
+    rerank_top_k: int | None = None
+    overwrite: bool = False
 
 
 @dataclass
@@ -145,6 +158,8 @@ class Task:
     default_configs: ClassVar[dict[str, Any]] = {}
     #: TaskOptions fields this task uses besides the defaults (others raise in check_options)
     accepted_options: ClassVar[frozenset[str]] = frozenset()
+    #: whether ``compare`` always writes predictions (official result files), not only with --save-predictions
+    writes_predictions: ClassVar[bool] = False
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         self.options = options or TaskOptions()
@@ -201,6 +216,10 @@ class Task:
                  for i, (o, t) in enumerate(zip(predictions.outputs, predictions.targets)))
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         return path
+
+    def run_notes(self) -> dict[str, Any]:
+        """What the last scored pass evaluated (subset, skipped images, label coverage), recorded with results; default: none."""
+        return {}
 
     def reference_accuracies(self, split: str = "test") -> dict[str, float]:
         """Scores of trivial predictors on ``split`` to print beside the results (default: none)."""

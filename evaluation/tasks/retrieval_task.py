@@ -1,0 +1,97 @@
+"""Task ``flickr30k``: image-text retrieval recall@1/5/10 with the user's image-text matching model.
+
+Data: the Karpathy split JSON (:mod:`.flickr30k`) or ViLT's ``f30k_caption_karpathy_<split>.arrow``.
+As in the paper (ViLT/METER's evaluation), the model's ITM score ranks the *full* gallery: every
+image is scored against every caption of the split (1000 images x 5000 captions on the test split),
+so a full pass is I x T forward passes. ``--limit N`` takes a seeded subset of N images with their
+captions (stated in the output; recall on a smaller gallery is higher, not comparable to the paper).
+Headline metric: text retrieval recall@1 (``tr_r1``, image -> caption, PuMer Table 1 "TR"); image
+retrieval (``ir_r1``, caption -> image, "IR") and recall@5/10 are in the results' notes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from pumer_plug.errors import UserError
+from pumer_plug.registry import TASKS
+
+from .arrow_tables import read_f30k_arrow
+from .base import Predictions
+from .data_files import DataError
+from .flickr30k import RetrievalSplit, read_flickr30k
+from .predictions import RunOutputs
+from .retrieval_metric import retrieval_recall
+from .subset import seeded_subset
+from .vl_tasks import DataTask, ExampleDataset, Part
+
+
+@TASKS.register("flickr30k")
+class Flickr30kRetrievalTask(DataTask):
+    """Flickr30k retrieval on the user's ITM model (``ViltForImageAndTextRetrieval``); default split ``test``."""
+
+    name = "flickr30k"
+    adapter = "vilt"
+    head = "retrieval"
+    metric = "tr_r1"
+    unit = "images"
+    default_split = "test"
+    default_configs: dict[str, Any] = {}  # no ViLT retrieval preset: each method's default
+    accepted_options = DataTask.accepted_options | {"rerank_top_k"}
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        if self.options.rerank_top_k is not None:
+            raise UserError("--rerank-top-k is not implemented yet: flickr30k ranks the full gallery (as the paper)")
+        self._galleries: dict[int, RetrievalSplit] = {}
+
+    def gallery(self, split: str) -> RetrievalSplit:
+        if (self.data_dir / f"f30k_caption_karpathy_{split}.arrow").is_file():
+            return read_f30k_arrow(self.data_dir, split)
+        return read_flickr30k(self.data_dir, split)
+
+    def batches(self, split: str, batch_size: int, num_examples: int | None = None):
+        data_split = self._data_split(split)
+        full = self.gallery(data_split)
+        limit = self.options.limit if split == "test" else num_examples
+        limit = None if limit is not None and split != "test" and limit >= len(full.images) else limit
+        subset = seeded_subset(len(full.images), limit, unit="images")
+        gallery = full.subset(subset.indices)
+        pairs = [(i, t) for i in range(len(gallery.images)) for t in range(len(gallery.texts))]  # image-major
+        offset = self._parts[-1].offset + len(self._parts[-1].examples) if self._parts else 0
+        self._parts.append(Part(data_split, pairs, subset, offset))
+        self._galleries[offset] = gallery
+        inputs = [((gallery.images[i],), gallery.texts[t], f"image {gallery.image_ids[i]}") for i, t in pairs]
+        dataset = ExampleDataset(inputs, list(range(offset, offset + len(pairs))), self.options.skip_bad_images)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.options.workers or 0,
+                          collate_fn=self._collate())
+
+    def decode(self, logits: torch.Tensor) -> list[float]:
+        return logits[:, -1].tolist()  # ITM score: ViLT (B, 1); BridgeTower (B, 2), the "match" class
+
+    def metrics(self, predictions: Predictions) -> dict[str, float]:
+        part, examples, outputs = self.evaluated(predictions)
+        if len(outputs) != len(part.examples):
+            raise DataError(f"retrieval needs every image-caption pair scored; {len(part.examples) - len(outputs)} "
+                            "pairs had a corrupt image (remove it from the split instead of --skip-bad-images)")
+        gallery = self._galleries[part.offset]
+        scores = torch.empty(len(gallery.images), len(gallery.texts))  # (I, T)
+        for position, score in outputs.items():
+            i, t = part.examples[position]
+            scores[i, t] = score
+        result = retrieval_recall(scores, gallery.text_image).as_dict()
+        self.notes.update(recall={k: round(v, 6) for k, v in result.items()},
+                          gallery=f"full gallery of {len(gallery.images)} images x {len(gallery.texts)} captions")
+        return result
+
+    def write_official(self, outputs: RunOutputs, method: str, part: Part, predictions: Predictions) -> Path:
+        import json
+
+        gallery = self._galleries[part.offset]
+        rows = [{"image": gallery.image_ids[part.examples[gid - part.offset][0]],
+                 "caption_index": part.examples[gid - part.offset][1], "score": score}
+                for gid, score in zip(predictions.targets, predictions.outputs)]
+        return outputs.write_text(method, f"flickr30k_{part.split}_scores.json", json.dumps(rows))

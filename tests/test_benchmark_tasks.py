@@ -1,0 +1,380 @@
+"""Benchmark tasks end to end: a user-made tiny ViLT directory (model + processor saved with
+``save_pretrained``) and data folders in the public layouts, through ``pumer-plug compare``/``finetune``.
+
+The VQA accuracy of the written predictions is recomputed here by an independent, deliberately
+plain implementation of the official rules (not :mod:`vqa_metric`), and must equal the printed one.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pumer_plug.cli import main
+from tests import fixtures_benchmarks as fx
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+    {w for q in fx.VQA_FIXTURE_QUESTIONS for w in re.findall(r"\w+|[^\w\s]", q[0].lower())}
+    | {"a", "the", "cat", "dog", "two", "left", "right", "image", "man", "is", "there"})
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=16, max_position_embeddings=16, vocab_size=len(VOCAB))
+METHOD_CONFIGS = {"pumer": {"reduction_layers": [1], "prune_ratio": 0.2, "image_merge_ratio": 0.2},
+                  "tome": {"r": 2}}
+
+
+def save_tiny_vilt(path: Path, cls_name: str, labels: tuple[str, ...], **overrides) -> Path:
+    """Writes a random-init ViLT and a locally built ViltProcessor (32 px images) to ``path``."""
+    import torch
+    import transformers
+    from transformers import BertTokenizerFast, ViltConfig, ViltImageProcessor, ViltProcessor
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    image_processor = ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=16)
+    config = ViltConfig(**{**TINY, **overrides}, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    torch.manual_seed(0)
+    getattr(transformers, cls_name)(config).save_pretrained(path)
+    ViltProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def method_configs(tmp_path: Path) -> list[str]:
+    out = []
+    for method, config in METHOD_CONFIGS.items():
+        file = tmp_path / f"{method}.json"
+        file.write_text(json.dumps(config))
+        out += ["--config", f"{method}={file}"]
+    return out
+
+
+# -- an independent VQA accuracy (official rules, written plainly) -------------------------------------
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
+def _normalize(text: str) -> str:
+    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    text = re.sub(r"(?!<=\d)(\.)(?!\d)", "", text)
+    for p in ';/[]"{}()=+\\_-><@`,?!':
+        text = text.replace(p, "" if (p + " " in text or " " + p in text) else " ")
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def plain_vqa_accuracy(answers: dict, annotations: list[dict]) -> float:
+    total = 0.0
+    for ann in annotations:
+        gts = [a["answer"].strip() for a in ann["answers"]]
+        pred = answers[ann["question_id"]].strip()
+        if len(set(gts)) > 1:
+            gts, pred = [_normalize(g) for g in gts], _normalize(pred)
+        accs = []
+        for i in range(len(gts)):
+            others = gts[:i] + gts[i + 1:]
+            accs.append(min(1.0, sum(g == pred for g in others) / 3))
+        total += sum(accs) / len(accs)
+    return total / len(annotations)
+
+
+@pytest.fixture(scope="module")
+def vqa_model(tmp_path_factory) -> Path:
+    return save_tiny_vilt(tmp_path_factory.mktemp("models") / "vilt-vqa", "ViltForQuestionAnswering", fx.VQA_FIXTURE_ANSWERS)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compare_vqav2_writes_official_predictions_whose_accuracy_equals_the_printed_one(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=8)
+    output = tmp_path / "out"
+    code, out, err = run_cli(["compare", "--task", "vqav2", "--data-dir", str(data), "--model", str(vqa_model),
+                              "--methods", "dense,pumer,tome", *method_configs(tmp_path), "--batch-size", "4",
+                              "--rounds", "1", "--timing-batches", "1", "--output", str(output), "--limit", "6"], capsys)
+    assert code == 0, err
+    annotations = json.loads((data / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", "pumer", "tome"]
+    assert "6 of 8 questions, seed 0" in out
+    for row in rows:
+        name = row["method"]
+        results = json.loads((output / name / "vqav2_val_results.json").read_text())
+        answers = {r["question_id"]: r["answer"] for r in results}
+        assert len(answers) == 6 and set(answers) <= {a["question_id"] for a in annotations}
+        expected = plain_vqa_accuracy(answers, [a for a in annotations if a["question_id"] in answers])
+        assert row["accuracy"] == pytest.approx(expected, abs=1e-12)
+        info = json.loads((output / name / "run_info.json").read_text())
+        assert info["examples"] == "6 of 8 questions, seed 0"
+        assert f"{100 * row['accuracy']:.2f}" in out  # the printed table shows the same number
+
+
+def test_finetune_vqav2_lowers_the_training_loss(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "train", num_questions=12)
+    fx.write_vqav2(data, "val", num_questions=6)
+    output = tmp_path / "ft"
+    code, out, err = run_cli(["finetune", "--task", "vqav2", "--data-dir", str(data), "--model", str(vqa_model),
+                              "--method", "pumer", "--config", str(method_configs(tmp_path)[1].split("=", 1)[1]),
+                              "--epochs", "4", "--patience", "4", "--train-batch-size", "4", "--num-train-examples", "12",
+                              "--num-val-examples", "6", "--lr", "1e-3", "--no-distill", "--output", str(output)], capsys)
+    assert code == 0, err
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 4
+    assert history[-1]["train_task"] < history[0]["train_task"]
+
+
+def _compare_args(data: Path, model: Path, output: Path, *extra: str) -> list[str]:
+    return ["compare", "--task", "vqav2", "--data-dir", str(data), "--model", str(model), "--methods", "dense",
+            "--batch-size", "4", "--rounds", "1", "--timing-batches", "1", "--output", str(output), *extra]
+
+
+def _one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("pumer-plug: error:")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_data_file_names_the_file_and_layout(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    (data / "v2_mscoco_val2014_annotations.json").unlink()
+    code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, "v2_mscoco_val2014_annotations.json")
+
+
+def test_a_model_whose_head_does_not_fit_names_the_heads_that_fit(tmp_path, capsys):
+    model = save_tiny_vilt(tmp_path / "retrieval", "ViltForImageAndTextRetrieval", ("x",))
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    code, _, err = run_cli(_compare_args(data, model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, "ViltForImageAndTextRetrieval", "ViltForQuestionAnswering")
+
+
+def test_a_missing_model_directory_is_one_line(tmp_path, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    code, _, err = run_cli(_compare_args(data, tmp_path / "no-such-model", tmp_path / "out"), capsys)
+    _one_line_error(code, err, "no-such-model")
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=6)
+    bad = data / "val2014" / f"COCO_val2014_{fx.vqav2_image_id(1):012d}.jpg"
+    fx.write_corrupt_image(bad)
+    code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, bad.name)
+    code, out, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out2", "--skip-bad-images"), capsys)
+    assert code == 0, err
+    assert "skipped_images: 2" in out  # the two questions about the bad image
+    results = json.loads((tmp_path / "out2" / "dense" / "vqav2_val_results.json").read_text())
+    assert len(results) == 4
+
+
+def test_test_dev_writes_a_submission_file_only(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "test-dev", num_questions=4)
+    code, out, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out", "--split", "test-dev"), capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "dense" / "vqav2_test-dev_results.json").read_text())
+    assert len(results) == 4 and all(isinstance(r["answer"], str) for r in results)
+
+
+def _read_csv(path: Path) -> dict[str, str]:
+    return dict(line.split(",", 1) for line in path.read_text().splitlines() if line)
+
+
+def _compare_all(task: str, data: Path, model: Path, tmp_path: Path, capsys, *extra: str) -> tuple[list[dict], str, Path]:
+    output = tmp_path / "out"
+    code, out, err = run_cli(["compare", "--task", task, "--data-dir", str(data), "--model", str(model),
+                              "--methods", "dense,pumer,tome", *method_configs(tmp_path), "--batch-size", "4",
+                              "--rounds", "1", "--timing-batches", "1", "--output", str(output), *extra], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", "pumer", "tome"]
+    return rows, out, output
+
+
+@pytest.mark.parametrize("layout", ["json", "arrow"])
+def test_compare_nlvr2_accuracy_of_the_written_predictions_equals_the_printed_one(tmp_path, capsys, layout):
+    model = save_tiny_vilt(tmp_path / "vilt-nlvr2", "ViltForImagesAndTextClassification", ("False", "True"),
+                           num_images=2, modality_type_vocab_size=3)
+    data = tmp_path / "nlvr2"
+    if layout == "json":
+        fx.write_nlvr2(data, "dev", num_pairs=3)
+        gold = {json.loads(l)["identifier"]: json.loads(l)["label"] for l in (data / "dev.json").read_text().splitlines()}
+    else:
+        fx.write_nlvr2_arrow(data, "dev", num_pairs=2)
+        gold = None
+    rows, out, output = _compare_all("nlvr2", data, model, tmp_path, capsys)
+    for row in rows:
+        predicted = _read_csv(output / row["method"] / "nlvr2_dev_predictions.csv")
+        assert set(predicted.values()) <= {"True", "False"}
+        if gold is not None:
+            assert set(predicted) == set(gold)
+            assert row["accuracy"] == pytest.approx(sum(predicted[k] == gold[k] for k in gold) / len(gold))
+        assert f"{100 * row['accuracy']:.2f}" in out
+
+
+@pytest.mark.parametrize("layout", ["json", "arrow"])
+def test_compare_snli_ve_accuracy_of_the_written_predictions_equals_the_printed_one(tmp_path, capsys, layout):
+    model = save_tiny_vilt(tmp_path / "vilt-ve", "ViltForQuestionAnswering", ("contradiction", "neutral", "entailment"))
+    data = tmp_path / "snli-ve"
+    if layout == "json":
+        fx.write_snli_ve(data, "test", num_images=2, hypotheses_per_image=3)
+        gold = {json.loads(l)["pairID"]: json.loads(l)["gold_label"]
+                for l in (data / "snli_ve_test.jsonl").read_text().splitlines()}
+    else:
+        fx.write_snli_arrow(data, "test", num_images=2)
+        gold = None
+    rows, out, output = _compare_all("snli-ve", data, model, tmp_path, capsys)
+    for row in rows:
+        predicted = _read_csv(output / row["method"] / "snli-ve_test_predictions.csv")
+        if gold is not None:
+            assert set(predicted) == set(gold)
+            assert row["accuracy"] == pytest.approx(sum(predicted[k] == gold[k] for k in gold) / len(gold))
+        assert f"{100 * row['accuracy']:.2f}" in out
+
+
+def test_compare_vqav2_on_vilts_arrow_table(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2_arrow(tmp_path / "arrow", "val", num_images=3)
+    rows, out, output = _compare_all("vqav2", data, vqa_model, tmp_path, capsys)
+    assert "soft-score" in out
+    for row in rows:
+        assert len(json.loads((output / row["method"] / "vqav2_val_results.json").read_text())) == 6
+
+
+def test_a_classifier_without_the_tasks_labels_is_refused(tmp_path, vqa_model, capsys):
+    data = fx.write_snli_ve(tmp_path / "snli-ve", "test")
+    code, _, err = run_cli(["compare", "--task", "snli-ve", "--data-dir", str(data), "--model", str(vqa_model),
+                            "--methods", "dense", "--output", str(tmp_path / "out")], capsys)
+    _one_line_error(code, err, "entailment")
+
+
+@pytest.mark.parametrize("layout", ["json", "arrow"])
+def test_compare_flickr30k_recall_of_the_written_scores_equals_the_printed_one(tmp_path, capsys, layout):
+    model = save_tiny_vilt(tmp_path / "vilt-itm", "ViltForImageAndTextRetrieval", ("match",))
+    data = tmp_path / "f30k"
+    if layout == "json":
+        fx.write_flickr30k(data, {"test": 3, "train": 1, "val": 1}, captions_per_image=2)
+    else:
+        fx.write_f30k_arrow(data, "test", num_images=3, captions_per_image=2)
+    rows, out, output = _compare_all("flickr30k", data, model, tmp_path, capsys)
+    for row in rows:
+        scores = json.loads((output / row["method"] / "flickr30k_test_scores.json").read_text())
+        assert len(scores) == 3 * 6  # the full gallery: every image against every caption
+        by_image: dict[str, dict[int, float]] = {}
+        for s in scores:
+            by_image.setdefault(s["image"], {})[s["caption_index"]] = s["score"]
+        images = list(by_image)
+        own = {t: t // 2 for t in range(6)}  # captions are grouped by image, two each
+        hits = sum(max(range(6), key=lambda t: (by_image[images[i]][t], -t)) in [t for t in own if own[t] == i]
+                   for i in range(3))
+        assert row["accuracy"] == pytest.approx(hits / 3)  # TR R@1: the best caption of each image is its own
+        assert 0 <= row["metrics"]["ir_r1"] <= row["metrics"]["ir_r5"] <= 1
+        assert f"{100 * row['accuracy']:.2f}" in out
+    assert "ir_r1" in out and "full gallery of 3 images x 6 captions" in out
+
+
+def test_compare_custom_vqa_lines(tmp_path, vqa_model, capsys):
+    data = fx.write_custom(tmp_path / "mine", "val", kind="vqa", num_examples=4)
+    rows, out, output = _compare_all("custom", data, vqa_model, tmp_path, capsys)
+    records = [json.loads(l) for l in (data / "val.jsonl").read_text().splitlines()]
+    for row in rows:
+        answers = {r["question_id"]: r["answer"] for r in json.loads((output / row["method"] / "vqav2_val_results.json").read_text())}
+        annotations = [{"question_id": r["id"], "answers": [{"answer": a} for a in r["answers"]]} for r in records]
+        assert row["accuracy"] == pytest.approx(plain_vqa_accuracy(answers, annotations), abs=1e-12)
+
+
+def test_compare_custom_two_image_classification_lines(tmp_path, capsys):
+    model = save_tiny_vilt(tmp_path / "vilt-nlvr2", "ViltForImagesAndTextClassification", ("False", "True"),
+                           num_images=2, modality_type_vocab_size=3)
+    data = fx.write_custom(tmp_path / "mine", "val", kind="classification", num_examples=4)
+    rows, out, output = _compare_all("custom", data, model, tmp_path, capsys)
+    gold = {json.loads(l)["id"]: json.loads(l)["label"] for l in (data / "val.jsonl").read_text().splitlines()}
+    for row in rows:
+        predicted = _read_csv(output / row["method"] / "custom_val_predictions.csv")
+        assert row["accuracy"] == pytest.approx(sum(predicted[k] == gold[k] for k in gold) / len(gold))
+
+
+def test_sweep_and_plot_on_vqav2(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=6)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"name": "tiny", "points": [
+        {"method": "pumer", "base": {"reduction_layers": [1]}, "configs": [{"prune_ratio": 0.2}, {"prune_ratio": 0.4}]},
+        {"method": "tome", "vary": {"r": [1, 2]}}]}))
+    output = tmp_path / "sweep"
+    code, out, err = run_cli(["sweep", "--task", "vqav2", "--data-dir", str(data), "--model", str(vqa_model),
+                              "--grid", str(grid), "--batch-size", "3", "--rounds", "1", "--timing-batches", "1",
+                              "--output", str(output)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(r["status"] == "ok" for r in records)
+    assert all(0 <= r["accuracy"] <= 1 for r in records)
+    assert (output / "tradeoff.png").is_file()
+
+
+def test_dataloader_workers_give_the_same_predictions(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=6)
+    results = []
+    for workers in ("0", "2"):
+        code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / f"out{workers}", "--workers", workers), capsys)
+        assert code == 0, err
+        results.append((tmp_path / f"out{workers}" / "dense" / "vqav2_val_results.json").read_text())
+    assert results[0] == results[1]
+
+
+def test_an_output_file_the_run_did_not_create_is_not_replaced_silently(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
+    assert run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)[0] == 0
+    code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
+    _one_line_error(code, err, "--overwrite")
+    assert run_cli(_compare_args(data, vqa_model, tmp_path / "out", "--overwrite"), capsys)[0] == 0
+
+
+def test_finetune_nlvr2_runs_on_class_targets(tmp_path, capsys):
+    model = save_tiny_vilt(tmp_path / "vilt-nlvr2", "ViltForImagesAndTextClassification", ("False", "True"),
+                           num_images=2, modality_type_vocab_size=3)
+    data = fx.write_nlvr2(tmp_path / "nlvr2", "train", num_pairs=4)
+    fx.write_nlvr2(data, "dev", num_pairs=2)
+    output = tmp_path / "ft"
+    code, out, err = run_cli(["finetune", "--task", "nlvr2", "--data-dir", str(data), "--model", str(model),
+                              "--method", "tome", "--config", str(method_configs(tmp_path)[3].split("=", 1)[1]),
+                              "--epochs", "3", "--patience", "3", "--train-batch-size", "4", "--num-train-examples", "8",
+                              "--num-val-examples", "4", "--lr", "1e-3", "--no-distill", "--output", str(output)], capsys)
+    assert code == 0, err
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and all(0 < h["train_task"] < 10 for h in history)  # CE on True/False (learning: see vqav2)
+
+
+def save_tiny_bridgetower_retrieval(path: Path) -> Path:
+    """A random-init BridgeTowerForImageAndTextRetrieval with a locally built byte-level BPE processor."""
+    import torch
+    from transformers import BridgeTowerForImageAndTextRetrieval, BridgeTowerImageProcessor, BridgeTowerProcessor, RobertaTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from tests.backbones import tiny_bridgetower_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + list(bytes_to_unicode().values())
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = RobertaTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    image_processor = BridgeTowerImageProcessor(size={"shortest_edge": 64}, crop_size={"shortest_edge": 64})
+    config = tiny_bridgetower_config(text_config=dict(vocab_size=len(tokens), hidden_size=64, num_hidden_layers=4,
+                                                      num_attention_heads=4, intermediate_size=128, max_position_embeddings=80))
+    torch.manual_seed(0)
+    BridgeTowerForImageAndTextRetrieval(config).save_pretrained(path)
+    BridgeTowerProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_compare_flickr30k_on_bridgetower(tmp_path, capsys):
+    model = save_tiny_bridgetower_retrieval(tmp_path / "bridgetower-itm")
+    data = fx.write_flickr30k(tmp_path / "f30k", {"test": 3}, captions_per_image=2)
+    rows, out, output = _compare_all("flickr30k", data, model, tmp_path, capsys)
+    for row in rows:
+        assert len(json.loads((output / row["method"] / "flickr30k_test_scores.json").read_text())) == 18
+        assert 0 <= row["accuracy"] <= 1

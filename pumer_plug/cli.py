@@ -361,11 +361,15 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds like an exception, so temporary folders are removed
 
 
+def commands() -> dict[str, Any]:
+    """The subcommands, name -> function (looked up at call time)."""
+    return {"compare": cmd_compare, "bench": cmd_bench, "train": cmd_train, "finetune": cmd_finetune,
+            "sweep": cmd_sweep, "plot": cmd_plot, "tune": cmd_tune, "show": cmd_show, "list": cmd_list,
+            "gpu-check": cmd_gpu_check}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    commands = {"compare": cmd_compare, "bench": cmd_bench, "train": cmd_train, "finetune": cmd_finetune,
-                "sweep": cmd_sweep, "plot": cmd_plot, "list": cmd_list, "gpu-check": cmd_gpu_check,
-                "tune": cmd_tune, "show": cmd_show}
-    parser = build_parser(commands)
+    parser = build_parser(commands())
     args = parser.parse_args(argv)
     if args.num_threads:
         import torch  # only here and in the commands: `--help` starts without torch

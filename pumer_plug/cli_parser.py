@@ -285,17 +285,15 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     parser.set_defaults(num_threads=None)  # commands without --num-threads (plot, list)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _compare_parser(sub, commands["compare"])
-    _bench_parser(sub, commands["bench"])
-    _train_parser(sub, commands["train"])
-    _finetune_parser(sub, commands["finetune"])
-    _sweep_parser(sub, commands["sweep"])
-    _plot_parser(sub, commands["plot"])
-    _list_parser(sub, commands["list"])
-    if "gpu-check" in commands:
-        _gpu_check_parser(sub, commands["gpu-check"])
-    _tune_parser(sub, commands["tune"])
-    _show_parser(sub, commands["show"])
+    parsers = {"compare": _compare_parser, "bench": _bench_parser, "train": _train_parser, "finetune": _finetune_parser,
+               "sweep": _sweep_parser, "plot": _plot_parser, "tune": _tune_parser, "show": _show_parser,
+               "list": _list_parser, "gpu-check": _gpu_check_parser}
+    unknown = sorted(set(commands) - set(parsers))
+    if unknown:
+        raise ValueError(f"no parser for command(s) {unknown}")
+    for name, add in parsers.items():
+        if name in commands:
+            add(sub, commands[name])
     return parser
 
 

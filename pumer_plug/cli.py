@@ -76,6 +76,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     make_setup = BENCH_MODELS.get(args.model)
     setup = make_setup(batch_size=args.batch_size) if args.batch_size else make_setup()
+    if setup.runner is not None:  # a decoder VLM measures prefill and decode itself
+        return _write_bench_rows(setup.runner(args.method, args.rounds), args.output)
     if args.config:
         setup.config = load_config(args.method, args.config)
     elif args.method != "pumer":
@@ -90,6 +92,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "a") as f:
             f.write(json.dumps(result) + "\n")
+    return 0
+
+
+def _write_bench_rows(rows: list[dict], output: str | None) -> int:
+    from pumer_plug.evaluation.decoder_bench import format_rows
+
+    print(format_rows(rows))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     return 0
 
 

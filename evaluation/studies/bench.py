@@ -22,13 +22,18 @@ from pumer_plug.registry import BENCH_MODELS
 
 @dataclass
 class BenchSetup:
-    """A model, one input batch, and the method config the issue's benchmark prescribes."""
+    """A model, one input batch, and the method config the issue's benchmark prescribes.
 
-    model: nn.Module
+    A setup that measures itself (a decoder VLM: prefill and decode steps, not one forward) sets
+    ``runner(method, rounds) -> rows`` instead; ``pumer-plug bench`` then prints and writes its rows.
+    """
+
+    model: nn.Module | None
     batch: dict[str, torch.Tensor]
     adapter: str
     config: Any
     description: str
+    runner: Callable[[str, int], list[dict[str, Any]]] | None = None
 
 
 @BENCH_MODELS.register("vilt-b32")
@@ -156,3 +161,6 @@ def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     batch = _random_batch(batch_size, text_len, size)
     desc = f"BridgeTower base (default BridgeTowerConfig), batch {batch_size}, {text_len} text tokens, {size}x{size} images"
     return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc)
+
+
+from pumer_plug.evaluation import decoder_bench as _decoder_bench  # noqa: E402,F401  (registers "llava-cpu")

@@ -57,6 +57,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, retrain=args.retrain))
     configs = _method_configs(methods, args.config or [], task)
     specs = [MethodSpec(m, configs[m]) for m in methods]
+    if task.generates:  # a decoder VLM: time to first token, decode tokens/s, KV cache
+        return _compare_generative(task, specs, args)
     rows = run_compare(task, specs, batch_size=None if args.find_batch_size else args.batch_size, device=args.device,
                        rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
                        predictions_dir=args.output if args.save_predictions else None)
@@ -95,6 +97,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_generative(task: Any, specs: list, args: argparse.Namespace) -> int:
+    from pumer_plug.evaluation.studies.decoder_compare import format_decoder_table, run_decoder_compare, write_decoder_results
+    from pumer_plug.evaluation.studies.report import format_references
+
+    if torch.device(args.device).type != "cpu" or args.dtype != "float32":
+        raise UserError(f"task {task.name!r} is compared on the CPU in float32 (got --device {args.device}, --dtype {args.dtype})")
+    rows = run_decoder_compare(task, specs, batch_size=args.batch_size, rounds=args.rounds)
+    print(format_decoder_table(rows))
+    references = task.reference_accuracies()
+    print(format_references(references))
+    paths = write_decoder_results(rows, args.output, references)
+    print(f"\nwritten: {paths['jsonl']} and {paths['markdown']}")
+    return 0
+
+
 def _write_bench_rows(rows: list[dict], output: str | None) -> int:
     from pumer_plug.evaluation.decoder_bench import format_rows
 
@@ -109,10 +126,14 @@ def _write_bench_rows(rows: list[dict], output: str | None) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from pumer_plug.evaluation.tasks import builtin
+    from pumer_plug.evaluation.tasks import builtin, builtin_llava
 
-    model, _ = builtin.load_builtin_model(args.cache_dir, retrain=True, seed=args.seed)
-    cache_dir = builtin.builtin_model_dir(args.cache_dir)
+    if args.model == "llava":  # the built-in decoder VLM: same cache interface, its own folder
+        model, _ = builtin_llava.load_builtin_llava(args.cache_dir, retrain=True, seed=args.seed)
+        cache_dir, builtin = builtin_llava.builtin_llava_dir(args.cache_dir), builtin_llava
+    else:
+        model, _ = builtin.load_builtin_model(args.cache_dir, retrain=True, seed=args.seed)
+        cache_dir = builtin.builtin_model_dir(args.cache_dir)
     info = json.loads((cache_dir / builtin.METADATA_FILE).read_text())
     print(f"trained the built-in model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"seed {info['seed']}, {info['steps']} steps in {info['train_seconds']:.0f} s, cached in {cache_dir}")

@@ -112,6 +112,8 @@ def _train_parser(sub: Any, run: Command) -> None:
                        description="Train the built-in digits-VQA ViLT from scratch (about 6 minutes on 2 CPU cores) and "
                                    "replace the cached model that compare, finetune and sweep use; prints its val "
                                    "accuracy per question type next to the majority-answer and question-only baselines.")
+    p.add_argument("--model", choices=("vilt", "llava"), default="vilt",
+                   help="vilt: the built-in ViLT (default); llava: the built-in decoder VLM of task builtin-llava")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation and training data (default: 0)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     p.add_argument("--num-threads", type=_positive_int, default=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pumer_plug.registry import TASKS
 
+from . import builtin_llava_task as _builtin_llava_task  # noqa: F401  (registers "builtin-llava")
 from . import builtin_task as _builtin_task  # noqa: F401  (registers "builtin")
 from .base import Batch, Predictions, Reiterable, Task, TaskOptions, attach_method, classification_accuracy, load_config, on_device
 

@@ -108,7 +108,7 @@ def _bench_parser(sub: Any, run: Command) -> None:
 
 
 def _train_parser(sub: Any, run: Command) -> None:
-    p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it",
+    p = sub.add_parser("train", help="(re)train a built-in digits VQA model (--model vilt or llava) and cache it",
                        description="Train the built-in digits-VQA ViLT from scratch (about 6 minutes on 2 CPU cores) and "
                                    "replace the cached model that compare, finetune and sweep use; prints its val "
                                    "accuracy per question type next to the majority-answer and question-only baselines.")

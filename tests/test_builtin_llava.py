@@ -150,7 +150,7 @@ def test_recipe_first_stage_learns_to_read_the_image_on_every_seed(seed):
     """The recipe's first stage (48 px canvases, auxiliary heads) on a reduced LLaVA leaves the
     question-only prior far behind within ~30 s (unloaded 2-core CPU), for more than one seed."""
     tokenizer = build_llava_tokenizer()
-    stages = curriculum_data((Stage(1, 1, 250),), 32, seed)
+    stages = curriculum_data((Stage(1, 1, 600),), 32, seed)
     model = builtin_llava.build_builtin_llava(seed, hidden_size=64, num_layers=3, vision_hidden=32, vision_layers=1)
     fit_llava(model, stages, tokenizer, 32, learning_rate=2e-3, progress=False)
     val = DigitsVQA("val", 300, seed, question_types=("place",), region_patches=1, jitter=1)

@@ -34,6 +34,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import pumer_plug
 from pumer_plug import PumerConfig
+from pumer_plug.registry import BENCH_MODELS
 
 IMAGE_TOKEN = 32000
 NUM_IMAGE = 576
@@ -95,8 +96,9 @@ def llava_7b_config() -> LlavaConfig:
     return llava_config(vision, text)
 
 
-def variants(cfg: DecoderBenchConfig) -> list[tuple[str, str | None, Any, int]]:
-    """(name, method, config, image tokens every layer from K on) for dense and every method x budget."""
+def variants(cfg: DecoderBenchConfig, methods: tuple[str, ...] | None = None) -> list[tuple[str, str | None, Any, int]]:
+    """(name, method, config, image tokens every layer from K on) for dense and every method x budget
+    (only ``methods`` when given)."""
     from pumer_plug.baselines.fastv import FastVConfig
     from pumer_plug.baselines.pool import PoolConfig
     from pumer_plug.baselines.random_prune import RandomConfig
@@ -109,7 +111,7 @@ def variants(cfg: DecoderBenchConfig) -> list[tuple[str, str | None, Any, int]]:
                                                                       reduction_layers=(cfg.layer - 1,)), keep))
     out.append(("pool-keep144", "pool", PoolConfig(stride=2), 144))
     out.append(("pool-keep64", "pool", PoolConfig(stride=3), 64))
-    return out
+    return [row for row in out if methods is None or row[1] is None or row[1] in methods]
 
 
 def prompt(cfg: DecoderBenchConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -150,12 +152,12 @@ def _attach(model: nn.Module, method: str | None, config: Any):
     return pumer_plug.apply(model, adapter="llava", method=method, config=config)
 
 
-def measure_cpu(cfg: DecoderBenchConfig) -> list[dict[str, Any]]:
-    """Times, counts and sizes every variant on the CPU model (interleaved rounds)."""
+def measure_cpu(cfg: DecoderBenchConfig, methods: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Times, counts and sizes dense and every variant (of ``methods``) on the CPU model (interleaved rounds)."""
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cpu_config(cfg)).eval()
     batch = prompt(cfg)
-    table = variants(cfg)
+    table = variants(cfg, methods)
     ttft = {name: [] for name, *_ in table}
     decode = {name: [] for name, *_ in table}
     kv, flops = {}, {}
@@ -232,6 +234,28 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(row[k]) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@BENCH_MODELS.register("llava-cpu")
+def llava_cpu(batch_size: int = 1, **sizes: Any) -> Any:
+    """LLaVA-1.5's geometry on a CPU (576 image tokens, 32 decoder layers, C = 256; random init):
+    time to first token, decode tokens/s, KV-cache MiB and prefill FLOPs of dense and ``--method``
+    at keep 192 / 128 / 64 (``all``: every method). ``sizes`` override ``DecoderBenchConfig`` fields."""
+    from pumer_plug.evaluation.studies.bench import BenchSetup
+    from pumer_plug.errors import UserError
+
+    if batch_size != 1:
+        raise UserError("bench llava-cpu measures batch size 1 (time to first token of one prompt)")
+
+    def run(method: str, rounds: int) -> list[dict[str, Any]]:
+        cfg = DecoderBenchConfig(**{**sizes, "rounds": rounds})
+        methods = None if method == "all" else (method,)
+        if methods and len(variants(cfg, methods)) == 1:
+            raise UserError(f"bench llava-cpu has no variants of method {method!r}; choose from: "
+                            f"{', '.join(sorted({m for _, m, _, _ in variants(cfg) if m}))}, all")
+        return measure_cpu(cfg, methods)
+
+    return BenchSetup(None, {}, "llava", None, "llava-cpu: LLaVA-1.5 token geometry at CPU width", runner=run)
 
 
 def main(argv: list[str] | None = None) -> int:

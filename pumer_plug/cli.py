@@ -87,6 +87,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, retrain=args.retrain))
     configs = _method_configs(methods, args.config or [], task)
     specs = [MethodSpec(m, configs[m]) for m in methods]
+    if task.generates:  # a decoder VLM: time to first token, decode tokens/s, KV cache
+        return _compare_generative(task, specs, args)
     rows = run_compare(task, specs, batch_size=None if args.find_batch_size else args.batch_size, device=args.device,
                        rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
                        predictions_dir=args.output if args.save_predictions or task.writes_predictions else None)
@@ -116,6 +118,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     make_setup = BENCH_MODELS.get(args.model)
     config = load_config(args.method, args.config) if args.config else None
     setup = make_setup(batch_size=args.batch_size) if args.batch_size else make_setup()
+    if setup.runner is not None:  # a decoder VLM measures prefill and decode itself
+        return _write_bench_rows(setup.runner(args.method, args.rounds), output)
     setup.config = config if config is not None else setup_config(setup, args.method)
     try:
         check_methods_fit(setup.model, setup.adapter, [(args.method, setup.config)])
@@ -151,14 +155,45 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_generative(task: Any, specs: list, args: argparse.Namespace) -> int:
+    import torch
+
+    from pumer_plug.evaluation.studies.decoder_compare import format_decoder_table, run_decoder_compare, write_decoder_results
+    from pumer_plug.evaluation.studies.report import format_references
+
+    if torch.device(args.device).type != "cpu" or args.dtype != "float32":
+        raise UserError(f"task {task.name!r} is compared on the CPU in float32 (got --device {args.device}, --dtype {args.dtype})")
+    rows = run_decoder_compare(task, specs, batch_size=args.batch_size, rounds=args.rounds)
+    print(format_decoder_table(rows))
+    references = task.reference_accuracies()
+    print(format_references(references))
+    paths = write_decoder_results(rows, args.output, references)
+    print(f"\nwritten: {paths['jsonl']} and {paths['markdown']}")
+    return 0
+
+
+def _write_bench_rows(rows: list[dict], output: Path | None) -> int:
+    from pumer_plug.evaluation.decoder_bench import format_rows
+
+    print(format_rows(rows))
+    if output is not None:
+        with open(output / "bench.jsonl", "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from pumer_plug.evaluation.tasks import builtin
+    from pumer_plug.evaluation.tasks import builtin, builtin_llava
 
-    model, _ = builtin.load_builtin_model(args.cache_dir, retrain=True, seed=args.seed)
-    cache_dir = builtin.builtin_model_dir(args.cache_dir)
-    info = json.loads((cache_dir / builtin.METADATA_FILE).read_text())
+    if args.model == "llava":  # the built-in decoder VLM: same cache interface, its own folder
+        model, _ = builtin_llava.load_builtin_llava(args.cache_dir, retrain=True, seed=args.seed)
+        cache_dir, metadata_file = builtin_llava.builtin_llava_dir(args.cache_dir), builtin_llava.METADATA_FILE
+    else:
+        model, _ = builtin.load_builtin_model(args.cache_dir, retrain=True, seed=args.seed)
+        cache_dir, metadata_file = builtin.builtin_model_dir(args.cache_dir), builtin.METADATA_FILE
+    info = json.loads((cache_dir / metadata_file).read_text())
     print(f"trained the built-in model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"seed {info['seed']}, {info['steps']} steps in {info['train_seconds']:.0f} s, cached in {cache_dir}")
     rows = [("all", info["val_accuracy"])] + sorted(info["val_accuracy_by_question_type"].items())

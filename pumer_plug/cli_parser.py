@@ -129,10 +129,12 @@ def _bench_parser(sub: Any, run: Command) -> None:
 
 
 def _train_parser(sub: Any, run: Command) -> None:
-    p = sub.add_parser("train", help="(re)train the built-in digits VQA model and cache it",
-                       description="Train the built-in digits-VQA ViLT from scratch (about 8 minutes on 2 idle CPU cores) and "
+    p = sub.add_parser("train", help="(re)train a built-in digits VQA model (--model vilt or llava) and cache it",
+                       description="Train a built-in digits-VQA model (the ViLT, or with --model llava the LLaVA) from scratch (about 8 minutes on 2 idle CPU cores) and "
                                    "replace the cached model that compare, finetune and sweep use; prints its val "
                                    "accuracy per question type next to the majority-answer and question-only baselines.")
+    p.add_argument("--model", choices=("vilt", "llava"), default="vilt",
+                   help="vilt: the built-in ViLT (default); llava: the built-in decoder VLM of task builtin-llava")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of initialisation and training data (default: 0)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     p.add_argument("--num-threads", type=_positive_int, default=None,

@@ -31,15 +31,18 @@ class BenchSetup:
         config: PuMer's config for this setup.
         method_configs: configs of other methods that this setup needs instead of their defaults
             (e.g. a DynamicViT with stages inside a 6-layer model); see :func:`setup_config`.
+        runner: set by a setup that measures itself (a decoder VLM: prefill and decode steps, not
+            one forward): ``runner(method, rounds) -> rows``; ``pumer-plug bench`` prints and writes them.
     """
 
-    model: nn.Module
+    model: nn.Module | None
     batch: dict[str, torch.Tensor]
     adapter: str
     config: Any
     description: str
     attention: str = "eager"  # the backbone's attention kernel, recorded with the result ("eager" | "sdpa")
     method_configs: dict[str, Any] = field(default_factory=dict)
+    runner: Callable[[str, int], list[dict[str, Any]]] | None = None
 
 
 def setup_config(setup: BenchSetup, method: str) -> Any:
@@ -216,3 +219,6 @@ def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     batch = _random_batch(batch_size, text_len, size)
     desc = f"BridgeTower base (default BridgeTowerConfig), batch {batch_size}, {text_len} text tokens, {size}x{size} images"
     return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc, _six_layer_configs())
+
+
+from pumer_plug.evaluation import decoder_bench  # noqa: E402,F401  (registers "llava-cpu")

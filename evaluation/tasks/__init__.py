@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pumer_plug.registry import TASKS
 
+from . import builtin_llava_task as _builtin_llava_task  # noqa: F401  (registers "builtin-llava")
 from . import builtin_task as _builtin_task  # noqa: F401  (registers "builtin")
 from . import vqav2_task as _vqav2_task  # noqa: F401  (registers "vqav2")
 from . import classification_tasks as _classification_tasks  # noqa: F401  (registers "nlvr2", "snli-ve")

@@ -156,6 +156,9 @@ class Task:
     metric: ClassVar[str] = "accuracy"
     #: method name -> config spec (preset name or mapping) scaled to the task's model
     default_configs: ClassVar[dict[str, Any]] = {}
+    #: a decoder VLM that generates its answers: ``compare`` times prefill and decode steps
+    #: (time to first token, decode tokens/s, KV cache) instead of one forward
+    generates: ClassVar[bool] = False
     #: TaskOptions fields this task uses besides the defaults (others raise in check_options)
     accepted_options: ClassVar[frozenset[str]] = frozenset()
     #: whether ``compare`` always writes predictions (official result files), not only with --save-predictions

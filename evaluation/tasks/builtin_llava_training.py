@@ -1,0 +1,186 @@
+"""Training recipe of the built-in digits-VQA LLaVA: the ViLT's canvas curriculum and grounding heads.
+
+What made the built-in ViLT learn (:mod:`~pumer_plug.evaluation.tasks.builtin_training`) carries
+over to a decoder VLM:
+
+1. **Canvas curriculum** (:data:`LLAVA_CURRICULUM`): 48 px canvases first (9 image tokens, every
+   patch a grid cell, steps ~6x cheaper), then 96 px, then the task's 192 px (144 image tokens).
+   The CLIP tower interpolates its position table to each grid (``interpolate_pos_encoding``),
+   which starts as a 2-D sine-cosine table, so a region keeps about the same positions at every size.
+2. **Auxiliary heads** (:class:`~pumer_plug.evaluation.tasks.builtin_training.AuxiliaryHeads`,
+   dropped after training), read from the decoder's final hidden states: every image token names
+   its region and digit; the last prompt token (the one that generates the answer) names the
+   digit in every cell and the digit counts; question words name how often their digit appears
+   and the digit in the place they name. Causal attention lets only text after the image see it,
+   so these targets teach exactly the text -> image reads that FastV's and PuMer's scores use.
+
+The answer loss is next-token cross-entropy on the answer word and ``</s>``. The saved model is a
+plain ``LlavaForConditionalGeneration``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from pumer_plug.evaluation.training.loop import decay_groups, schedule, train_steps
+
+from .builtin_llava_data import collate_llava, num_image_tokens, token_ids
+from .builtin_training import BACKGROUND, NUM_CELLS, AuxiliaryHeads, Stage, _cross_entropy, auxiliary_targets
+from .digits import DigitsVQA, Example
+
+#: 48 px (V = 9), 96 px (V = 36), then the task's 192 px (V = 144)
+LLAVA_CURRICULUM = (Stage(1, 1, 300), Stage(2, 2, 100), Stage(4, 2, 40))
+
+
+def curriculum_data(curriculum: tuple[Stage, ...], batch_size: int, seed: int) -> list[tuple[DigitsVQA, int]]:
+    """One (train dataset, steps) per stage; stage i draws from seed ``seed * 1000 + 500 + i``."""
+    return [(DigitsVQA("train", stage.steps * batch_size, seed * 1000 + 500 + i, jitter=stage.jitter,
+                       region_patches=stage.region_patches), stage.steps)
+            for i, stage in enumerate(curriculum)]
+
+
+def decoder_hidden(model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's final (normed) hidden states of a prompt batch, image grid of any size.
+
+    Same computation as ``LlavaModel.forward`` with positions from the attention mask (as
+    ``generate`` makes them), except that the tower interpolates its positions to the canvas.
+
+    Shapes:
+        input_ids, attention_mask (B, N); pixel_values (B, 1, S, S) -> (B, N, C)
+    """
+    llava, config = model.model, model.config
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    embeds = llava.get_input_embeddings()(ids)  # (B, N, C)
+    feats = llava.get_image_features(inputs["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+                                     vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                     interpolate_pos_encoding=True).pooler_output  # B x (V, C)
+    image = (ids == config.image_token_id)[..., None]  # (B, N, 1)
+    embeds = embeds.masked_scatter(image, torch.cat(list(feats), 0).to(embeds.dtype))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, N)
+    return llava.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+
+
+def question_positions(words: list[list[int]], num_image: int, prompt_end: int) -> tuple[torch.Tensor, ...]:
+    """Question tokens as ``auxiliary_targets`` numbers them (t = 0 is ``<s>``, t = i + 1 word i),
+    where each sits in its left-padded prompt row, and the column of every row's ``<s>``.
+
+    Shapes:
+        words: B lists of word ids; prompts end at column ``prompt_end`` (exclusive) ->
+        question (B, T) right padded with 0, positions (B, T) (padding clamped to the last
+        prompt column), start (B,)
+    """
+    B, T = len(words), 1 + max(len(w) for w in words)
+    question = torch.zeros(B, T, dtype=torch.long)
+    start = prompt_end - torch.tensor([1 + num_image + len(w) for w in words])  # (B,)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), num_image + torch.arange(1, T)])  # (T,)
+    for b, w in enumerate(words):
+        question[b, 1:1 + len(w)] = torch.tensor(w, dtype=torch.long)
+    positions = (start[:, None] + offsets).clamp(max=prompt_end - 1)  # (B, T)
+    return question, positions, start
+
+
+def first_token_accuracy(model: LlavaForConditionalGeneration, tokenizer: Tokenizer, data: DigitsVQA,
+                         batch_size: int = 64) -> float:
+    """Fraction of ``data`` whose greedy first answer token is right, on canvases of any size (the
+    tower interpolates its positions; ``generate`` cannot pass that flag to the tower alone)."""
+    hits = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            chosen = data.examples[start:start + batch_size]
+            seeds = [data._noise_base + start + i for i in range(len(chosen))]
+            inputs, answers = collate_llava(chosen, tokenizer, data.noise_std, seeds)
+            guess = model.lm_head(decoder_hidden(model, inputs)[:, -1]).argmax(-1)
+            hits += [int(g) == tokenizer.token_to_id(a) for g, a in zip(guess, answers)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def step_losses(model: LlavaForConditionalGeneration, heads: AuxiliaryHeads, inputs: dict[str, torch.Tensor],
+                examples: list[Example], tokenizer: Tokenizer, digit_word_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Answer cross-entropy (answer word and ``</s>``) and every auxiliary head's, for one batch.
+
+    The batch holds ``prompt answer </s>`` rows, left padded: the answer is column -2 everywhere.
+    """
+    hidden = decoder_hidden(model, inputs)  # (B, N, C)
+    ids = inputs["input_ids"]
+    B, N = ids.shape
+    V = num_image_tokens(examples[0].canvas_px)
+    logits = model.lm_head(hidden[:, -3:-1])  # (B, 2, vocab): predicts the answer, then </s>
+    answer_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, -2:].reshape(-1))
+    words = [tokenizer.encode(e.question, add_special_tokens=False).ids for e in examples]
+    question, positions, start = question_positions(words, V, N - 2)
+    targets = auxiliary_targets(examples, question, digit_word_ids)
+    rows = torch.arange(B)[:, None]
+    text = hidden[rows, positions]  # (B, T, C)
+    image = hidden[rows, start[:, None] + 1 + torch.arange(V)]  # (B, V, C), row-major over the grid
+    patch = targets["patch"].reshape(B, V)
+    patch_logits = heads.patch(image)
+    ink = patch != BACKGROUND
+    last = hidden[:, -3]  # the last prompt token
+    return {
+        "answer": answer_loss,
+        "patch": _cross_entropy(patch_logits[ink], patch[ink]) + _cross_entropy(patch_logits[~ink], patch[~ink]),
+        "layout": _cross_entropy(heads.layout(last).view(-1, NUM_CELLS, 11), targets["layout"]),
+        "counts": _cross_entropy(heads.counts(last).view(-1, 11, NUM_CELLS + 1), targets["counts"]),
+        "digit_words": _cross_entropy(heads.digit_words(text), targets["digit_words"]),
+        "place_words": _cross_entropy(heads.place_words(text), targets["place_words"]),
+    }
+
+
+def fit_llava(model: LlavaForConditionalGeneration, stages: list[tuple[DigitsVQA, int]], tokenizer: Tokenizer,
+              batch_size: int, learning_rate: float = 1e-3, warmup_fraction: float = 0.06, weight_decay: float = 0.01,
+              progress: bool = True, aux_weight: float = 1.0) -> list[dict[str, float]]:
+    """Trains ``model`` in place through ``stages`` of (dataset, steps); returns per-step losses.
+
+    One warm-up + cosine schedule (down to 5% of the peak) spans all stages, stepped by the shared
+    loop (:func:`~pumer_plug.evaluation.training.loop.train_steps`). The auxiliary heads are built
+    here and discarded at the end.
+
+    Raises:
+        ValueError: a stage's dataset holds fewer than ``steps * batch_size`` examples.
+    """
+    for data, steps in stages:
+        if len(data) < steps * batch_size:
+            raise ValueError(f"a stage has {len(data)} examples, needs steps * batch_size = {steps * batch_size}")
+    total_steps = sum(steps for _, steps in stages)
+    digit_word_ids = torch.tensor([tokenizer.token_to_id(str(d)) for d in range(10)])
+    heads = AuxiliaryHeads(model.config.text_config.hidden_size)
+    trained = nn.ModuleList([model, heads])
+    optimizer = torch.optim.AdamW(decay_groups(trained, weight_decay), lr=learning_rate, betas=(0.9, 0.98))
+    scheduler = schedule(optimizer, "cosine", total_steps, warmup_fraction, min_lr_rate=0.05)
+    model.train()
+    history: list[dict[str, float]] = []
+
+    def stage_batches(data: DigitsVQA, steps: int) -> Iterator[tuple]:
+        for step in range(steps):
+            chosen = [data.examples[i] for i in range(step * batch_size, (step + 1) * batch_size)]
+            seeds = [data._noise_base + step * batch_size + i for i in range(batch_size)]
+            inputs, _ = collate_llava(chosen, tokenizer, data.noise_std, seeds, with_answer=True)
+            yield inputs, chosen
+
+    def losses(batch: tuple) -> dict[str, torch.Tensor]:
+        terms = step_losses(model, heads, *batch, tokenizer, digit_word_ids)
+        return {k: v if k == "answer" else aux_weight * v for k, v in terms.items()}
+
+    with tqdm(total=total_steps, disable=not progress, desc="training built-in LLaVA", unit="step") as bar:
+        for k, (data, steps) in enumerate(stages):
+            if len(stages) > 1 and len(data):
+                bar.set_description(f"training built-in LLaVA, stage {k + 1}/{len(stages)} "
+                                    f"({data.examples[0].canvas_px} px)")
+            for values in train_steps(stage_batches(data, steps), losses, optimizer, scheduler, model.parameters()):
+                history.append({key: v for key, v in values.items() if key != "loss"})
+                bar.update()
+                if len(history) % 10 == 1:
+                    bar.set_postfix({key: f"{np.mean([h[key] for h in history[-20:]]):.2f}"
+                                     for key in ("answer", "patch", "layout")})
+    model.eval()
+    return history
+
+
+__all__ = ["LLAVA_CURRICULUM", "curriculum_data", "decoder_hidden", "fit_llava", "step_losses", "token_ids"]

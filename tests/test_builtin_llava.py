@@ -1,0 +1,163 @@
+"""The built-in decoder VLM (task ``builtin-llava``): prompts, recipe, cache, methods and compare on it."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from pumer_plug.cli import main
+from pumer_plug.evaluation.tasks import builtin, builtin_llava, digits, get_task
+from pumer_plug.evaluation.tasks.base import TaskOptions, attach_method
+from pumer_plug.evaluation.tasks.builtin_llava_data import build_llava_tokenizer, collate_llava, token_ids
+from pumer_plug.evaluation.tasks.builtin_llava_training import (AuxiliaryHeads, curriculum_data, first_token_accuracy,
+                                                               fit_llava, question_positions, step_losses)
+from pumer_plug.evaluation.tasks.builtin_training import Stage
+from pumer_plug.evaluation.tasks.digits import DigitsVQA
+
+TINY = {"hidden_size": 32, "num_layers": 3, "vision_hidden": 32, "vision_layers": 1, "num_heads": 2, "mlp_ratio": 2}
+METHODS = ("pumer", "fastv", "random", "pool")
+
+
+def _digit_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer.token_to_id(str(d)) for d in range(10)])
+
+
+def test_prompts_hold_144_image_tokens_against_at_most_15_text_tokens_and_one_word_answers():
+    tokenizer = build_llava_tokenizer()
+    data = DigitsVQA("train", 400, seed=0)
+    inputs, answers = collate_llava(data.examples, tokenizer)
+    ids = token_ids(tokenizer)
+    image = inputs["input_ids"] == ids["image"]
+    assert (image.sum(1) == 144).all()
+    assert int((inputs["attention_mask"].bool() & ~image).sum(1).max()) <= 15  # <s> and <= 14 words
+    assert (inputs["input_ids"][:, -1] != ids["pad"]).all()  # left padded: prompts end together
+    assert all(tokenizer.token_to_id(a) not in (None, ids["unk"]) for a in answers)
+    assert inputs["pixel_values"].shape == (400, 1, 192, 192)
+
+
+def test_question_positions_point_at_bos_and_at_each_question_word():
+    tokenizer = build_llava_tokenizer()
+    data = DigitsVQA("train", 16, seed=1, region_patches=2)
+    inputs, _ = collate_llava(data.examples, tokenizer, with_answer=True)
+    words = [tokenizer.encode(e.question, add_special_tokens=False).ids for e in data.examples]
+    N = inputs["input_ids"].shape[1]
+    question, positions, start = question_positions(words, 36, N - 2)
+    ids = inputs["input_ids"]
+    for b, w in enumerate(words):
+        assert ids[b, start[b]] == token_ids(tokenizer)["bos"]
+        assert ids[b, positions[b, 1:1 + len(w)]].tolist() == w == question[b, 1:1 + len(w)].tolist()
+        assert (ids[b, start[b] + 1:start[b] + 37] == token_ids(tokenizer)["image"]).all()
+
+
+@pytest.mark.parametrize("region_patches", [1, 2, 4])
+def test_step_losses_are_finite_and_reach_tower_projector_and_decoder(region_patches):
+    tokenizer = build_llava_tokenizer()
+    data = DigitsVQA("train", 6, seed=0, region_patches=region_patches)
+    model = builtin_llava.build_builtin_llava(0, **TINY).train()
+    heads = AuxiliaryHeads(TINY["hidden_size"])
+    inputs, _ = collate_llava(data.examples, tokenizer, with_answer=True)
+    losses = step_losses(model, heads, inputs, data.examples, tokenizer, _digit_ids(tokenizer))
+    assert set(losses) == {"answer", "patch", "layout", "counts", "digit_words", "place_words"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for module in (model.model.vision_tower, model.model.multi_modal_projector, model.model.language_model):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_task_configs_reduce_the_image_tokens_and_generate(method):
+    """Every method's default config on the task's model geometry (144 image tokens) keeps 36 of them."""
+    tokenizer = build_llava_tokenizer()
+    model = builtin_llava.build_builtin_llava(0, **TINY)
+    inputs, _ = collate_llava(DigitsVQA("test", 3, seed=0).examples, tokenizer)
+    task_class = type(get_task("builtin-llava"))
+    config = task_class.default_config(task_class.__new__(task_class), method)
+    with attach_method(model, "llava", method, config), torch.inference_mode():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        answers = builtin_llava.generate_answers(model, tokenizer, inputs)
+    text_tokens = inputs["input_ids"].shape[1] - 144
+    assert out.cache.layers[-1].keys.shape[-2] == text_tokens + 36
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def _fake_trainer(calls):
+    original = builtin_llava.train_builtin_llava
+
+    def train(output_dir, seed=0, progress=True):
+        calls.append(output_dir)
+        return original(output_dir, seed=seed, curriculum=(Stage(1, 1, 1), Stage(4, 2, 1)), batch_size=4,
+                        progress=False, num_val_examples=8)
+    return train
+
+
+@pytest.fixture
+def tiny_cache(tmp_path, monkeypatch):
+    """A cache root where 'training' is two steps of a tiny LLaVA checked as the default one."""
+    calls: list = []
+    config = builtin_llava.builtin_llava_config
+    monkeypatch.setattr(builtin_llava, "train_builtin_llava", _fake_trainer(calls))
+    monkeypatch.setattr(builtin_llava, "builtin_llava_config", lambda vocab_size=None, **kw: config(vocab_size, **TINY))
+    monkeypatch.setattr(builtin_llava, "NUM_TEST_EXAMPLES", 6)
+    monkeypatch.setenv(builtin.CACHE_ENV_VAR, str(tmp_path))
+    return tmp_path, calls
+
+
+def test_cache_is_trained_once_then_reused_and_a_corrupt_one_rebuilt(tiny_cache):
+    root, calls = tiny_cache
+    model, tokenizer = builtin_llava.load_builtin_llava(progress=False)
+    assert type(model) is LlavaForConditionalGeneration and not model.training and len(calls) == 1
+    assert builtin_llava.builtin_llava_dir() == root / builtin_llava.LLAVA_NAME
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, _ = builtin_llava.load_builtin_llava(progress=False)
+    assert len(calls) == 1
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value)
+    weights = builtin_llava.builtin_llava_dir() / builtin_llava.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="unusable"):
+        builtin_llava.load_builtin_llava(progress=False)
+    assert len(calls) == 2 and [p.name for p in root.iterdir()] == [builtin_llava.LLAVA_NAME]
+
+
+def test_train_command_trains_the_llava(tiny_cache, capsys):
+    assert main(["train", "--model", "llava", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 3" in out and "question-only prior" in out and builtin_llava.LLAVA_NAME in out
+
+
+def test_compare_prints_every_decoder_method_within_120_columns(tiny_cache, tmp_path, capsys):
+    output = tmp_path / "compare"
+    assert main(["compare", "--task", "builtin-llava", "--methods", "dense,pumer,fastv,random,pool",
+                 "--rounds", "1", "--batch-size", "4", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    table = printed.split("reference points")[0].strip().splitlines()
+    assert max(len(line) for line in table) <= 120
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", *METHODS]
+    assert [r["image_tokens_kept"] for r in rows] == [144, 36, 36, 36, 36]
+    assert all(r["prefill_gflops"] < rows[0]["prefill_gflops"] and r["kv_cache_mib"] < rows[0]["kv_cache_mib"]
+               for r in rows[1:])
+    assert all(0 <= r["accuracy"] <= 1 and r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recipe_first_stage_learns_to_read_the_image_on_every_seed(seed):
+    """The recipe's first stage (48 px canvases, auxiliary heads) on a reduced LLaVA leaves the
+    question-only prior behind within ~30 s (idle 2-core CPU), for more than one seed.
+
+    Measured: 46% and 37% on "what digit is in the <place>" against a 15% prior (seeds 0, 1). The
+    margin is smaller than the ViLT's (+40 points): place questions are the decoder's weak type
+    (docs/benchmarks.md), so this test guards against regressions, not the 85% target.
+    """
+    tokenizer = build_llava_tokenizer()
+    stages = curriculum_data((Stage(1, 1, 600),), 32, seed)
+    model = builtin_llava.build_builtin_llava(seed, hidden_size=64, num_layers=3, vision_hidden=32, vision_layers=1)
+    fit_llava(model, stages, tokenizer, 32, learning_rate=2e-3, progress=False)
+    val = DigitsVQA("val", 300, seed, question_types=("place",), region_patches=1, jitter=1)
+    train = DigitsVQA("train", 3000, seed, question_types=("place",))
+    assert first_token_accuracy(model, tokenizer, val) > digits.question_prior_accuracy(val, train) + 0.15

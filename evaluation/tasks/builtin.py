@@ -35,7 +35,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import platformdirs
@@ -294,19 +294,26 @@ def _load_checked(model_dir: Path, seed: int | None = None) -> tuple[ViltForQues
     return model.eval(), tokenizer
 
 
-def _train_into_cache(model_dir: Path, progress: bool, seed: int = 0) -> None:
-    """Trains into a temporary sibling directory, then swaps it in with renames (never half written)."""
+def build_atomically(model_dir: Path, build: Callable[[Path], None]) -> None:
+    """Runs ``build(staging)`` into a temporary sibling of ``model_dir``, then swaps it in with
+    renames, so the cache folder is never half written (an interrupted build leaves the old one)."""
+    name = model_dir.name
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.tmp-", dir=model_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=model_dir.parent))
     try:
-        train_builtin_model(staging, seed=seed, progress=progress)
+        build(staging)
         if model_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.old-", dir=model_dir.parent))
-            os.replace(model_dir, trash / BUILTIN_NAME)
+            trash = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=model_dir.parent))
+            os.replace(model_dir, trash / name)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(staging, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _train_into_cache(model_dir: Path, progress: bool, seed: int = 0) -> None:
+    """Trains the built-in model into the cache folder atomically."""
+    build_atomically(model_dir, lambda staging: train_builtin_model(staging, seed=seed, progress=progress))
 
 
 def _reason(error: BaseException) -> str:

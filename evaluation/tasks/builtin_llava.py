@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +31,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-from .builtin import _quiet_transformers, _sha256, builtin_model_dir, library_versions, sincos_2d
+from .builtin import _quiet_transformers, _sha256, build_atomically, builtin_model_dir, library_versions, sincos_2d
 from .builtin_llava_data import (SPECIAL, build_llava_tokenizer, collate_llava, normalize_answer, num_image_tokens,
                                  token_ids)
 from .builtin_llava_training import LLAVA_CURRICULUM, curriculum_data, fit_llava
@@ -203,18 +201,8 @@ def _load_checked(model_dir: Path) -> tuple[LlavaForConditionalGeneration, Token
 
 
 def _train_into_cache(model_dir: Path, progress: bool, seed: int = 0) -> None:
-    """Trains into a temporary sibling directory, then swaps it in with renames (never half written)."""
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{LLAVA_NAME}.tmp-", dir=model_dir.parent))
-    try:
-        train_builtin_llava(staging, seed=seed, progress=progress)
-        if model_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{LLAVA_NAME}.old-", dir=model_dir.parent))
-            os.replace(model_dir, trash / LLAVA_NAME)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(staging, model_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Trains the built-in LLaVA into the cache folder atomically (:func:`builtin.build_atomically`)."""
+    build_atomically(model_dir, lambda staging: train_builtin_llava(staging, seed=seed, progress=progress))
 
 
 def load_builtin_llava(cache_dir: str | Path | None = None, retrain: bool = False, progress: bool = True,

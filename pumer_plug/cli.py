@@ -77,7 +77,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
     from pumer_plug.evaluation.studies.report import (format_memory_note, format_references, format_table,
-                                                      write_results)
+                                                      format_timing_note, write_results)
     from pumer_plug.evaluation.tasks import get_task
 
     if args.find_batch_size and torch.device(args.device).type != "cuda":
@@ -106,6 +106,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     paths = write_results(rows, args.output, references)
     print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} (all columns)")
     print(format_memory_note(rows))
+    if format_timing_note(rows):
+        print(format_timing_note(rows))
     return 0
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from pumer_plug.evaluation.measure import (DTYPES, Variant, environment_record, measure_flops, measure_peak_memory,
                                            measure_throughput, measure_train_step_memory, to_device)
 from pumer_plug.evaluation.measure.variants import counting_attaches
+from pumer_plug.evaluation.studies.report import throughput_increase
 from pumer_plug.handle import apply
 from pumer_plug.registry import BENCH_MODELS
 
@@ -143,7 +144,8 @@ def run_bench(setup: BenchSetup, method: str = "pumer", rounds: int = 5, warmup:
         "config": setup.config.describe(),
         "dense_throughput_per_s": speed["dense"].throughput_per_s,
         "reduced_throughput_per_s": speed[method].throughput_per_s,
-        "throughput_increase": speed[method].throughput_per_s / speed["dense"].throughput_per_s,
+        "throughput_increase": throughput_increase(speed[method].throughput_per_s_rounds,
+                                                   speed["dense"].throughput_per_s_rounds),
         "dense_gflops_per_example": dense_gflops,
         "reduced_gflops_per_example": reduced_gflops,
         "flops_ratio": dense_gflops / reduced_gflops,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -78,6 +79,33 @@ def _lookup(table: Mapping[str, Any] | None, name: str, what: str) -> Any:
     return table[name]
 
 
+def throughput_increase(rounds: Sequence[float], base_rounds: Sequence[float]) -> float | None:
+    """Throughput increase over the baseline: the median of the per-round ratios.
+
+    Rounds are interleaved (dense, then plugged, per round), so a slow moment of a shared machine
+    hits both sides of a pair; the median of the paired ratios resists it where the ratio of the
+    two medians does not (e.g. dense [158, 152, 114, 179, 63] and PuMer [306, 132, 314, 115, 84]
+    ex/s: 1.34x, against 0.87x for the ratio of medians). None unless both have the same rounds.
+    """
+    if not rounds or len(rounds) != len(base_rounds) or not all(base_rounds):
+        return None
+    return statistics.median(r / b for r, b in zip(rounds, base_rounds))
+
+
+#: rounds of one variant differing by more than this factor make a timing untrustworthy
+NOISY_SPREAD = 1.5
+
+
+def format_timing_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A warning line when a variant's timed rounds differ by more than ``NOISY_SPREAD`` (empty otherwise)."""
+    spreads = [max(r) / min(r) for r in (row.get("throughput_per_s_rounds") or [] for row in rows) if r and min(r) > 0]
+    worst = max(spreads, default=1.0)
+    if worst <= NOISY_SPREAD:
+        return ""
+    return (f"warning: timing was noisy (the timed rounds of one variant differ up to {worst:.1f}x; other jobs on "
+            "the machine?): the speed-ups are unreliable; rerun on a quiet machine or with more --rounds")
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
@@ -120,7 +148,8 @@ def compare_rows(
 
     Returns:
         Rows with the keys of ``TABLE_COLUMNS`` (accuracy change in percentage points,
-        ``throughput_increase`` = variant / dense, ``memory_reduction`` = dense / variant),
+        ``throughput_increase`` = variant / dense (median of the paired per-round ratios when
+        both have rounds, see :func:`throughput_increase`), ``memory_reduction`` = dense / variant),
         ``EXTRA_KEYS`` and the environment fields. Unmeasured values are None.
 
     Raises:
@@ -141,7 +170,8 @@ def compare_rows(
         rows.append({
             "method": variant.name, "config": variant.config, **m,
             "accuracy_change_points": change,
-            "throughput_increase": _ratio(m["throughput_per_s"], base["throughput_per_s"]),
+            "throughput_increase": (throughput_increase(m["throughput_per_s_rounds"], base["throughput_per_s_rounds"])
+                                    or _ratio(m["throughput_per_s"], base["throughput_per_s"])),
             "memory_reduction": _ratio(base["peak_memory_mib"], m["peak_memory_mib"]),
             "baseline": baseline,
             **environment,

@@ -88,7 +88,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 def _compare_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("compare", help="dense model vs. reduction methods on a task (accuracy, throughput, memory, FLOPs)",
                        description="Evaluate the dense model and each method on the task's test split; print a table and write results.jsonl/results.md.")
-    p.add_argument("--task", default="builtin", help="registered task (pumer-plug list; default: builtin, the digits VQA task trained here)")
+    p.add_argument("--task", default="builtin", help="registered task (pumer-plug list; default: builtin, the digits VQA task whose model ships with the package)")
     p.add_argument("--methods", default="dense,pumer", help="comma-separated methods from the registry (default: dense,pumer)")
     p.add_argument("--config", action="append", metavar="[METHOD=]PRESET_OR_FILE",
                    help="method config: a preset name or a JSON/YAML file; repeatable; default: the task's preset per method")
@@ -249,8 +249,9 @@ def _show_parser(sub: Any, run: Command) -> None:
 
 def _plot_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("plot", help="accuracy vs throughput increase figure and Table 3/4 layouts from sweep results",
-                       description="Write tradeoff.png/.svg (Pareto front marked, dense as reference), table3.md and "
-                                   "table4.md next to the results (or into --output).")
+                       description="Write tradeoff.png/.svg (Pareto front marked, dense as reference) and the grid's "
+                                   "table next to the results (or into --output): table3.md/table4.md for those "
+                                   "presets, table.md for other grids.")
     p.add_argument("results", help="results.jsonl written by pumer-plug sweep")
     p.add_argument("--output", default=None, help="output folder (default: the results file's folder)")
     p.add_argument("--title", default=None, help="figure title")

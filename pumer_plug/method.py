@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from pumer_plug.config import MethodConfig
+from pumer_plug.errors import UserError
 from pumer_plug.state import ForwardState
 from pumer_plug.stream import TokenStream
 
@@ -79,12 +80,12 @@ class ReductionMethod:
         """The layers (0-based, below ``num_layers``) that reduce tokens.
 
         Raises:
-            ValueError: a configured layer is beyond the model's reducible depth.
+            UserError: a configured layer is beyond the model's reducible depth.
         """
         layers = tuple(self.config.reduction_layers)
         bad = [i for i in layers if i >= num_layers]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"{type(self.config).__name__}.reduction_layers {list(layers)} has layer(s) {bad} beyond "
                 f"the model's {num_layers} reducible layers (allowed: 0..{num_layers - 1})"
             )

@@ -204,10 +204,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_line(obj: Any) -> str:
-    return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
-
-
 def _field_text(field: Any) -> str:
     import dataclasses
 
@@ -227,23 +223,34 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, method in METHODS.items():
         config_cls = method.config_class
         print(f"  {name}: {config_cls.__name__}")
-        if dataclasses.is_dataclass(config_cls):
-            print(f"    fields:  {', '.join(_field_text(f) for f in dataclasses.fields(config_cls))}")
-        presets = getattr(config_cls, "PRESETS", {})  # only some configs have presets
-        sources = getattr(config_cls, "PRESET_SOURCES", {})
-        for preset in sorted(presets):
-            source = f"  ({sources[preset]})" if preset in sources else ""
-            print(f"    preset {preset:16s} {config_cls.preset(preset).describe()}{source}")
-    print("adapters (pumer_plug.apply(model, adapter=NAME); 'auto' picks one):")
-    for name, adapter in ADAPTERS.items():
-        print(f"  {name:16s} {_first_line(adapter)}")
-    print("tasks (compare/sweep/finetune --task NAME):")
-    for name, task in TASKS.items():
-        print(f"  {name:16s} {_first_line(task)}")
-    print("bench model setups (bench --model NAME):")
-    for name, make_setup in BENCH_MODELS.items():
-        print(f"  {name:16s} {_first_line(make_setup)}")
+        print(_wrapped("fields: " + ", ".join(_field_text(f) for f in dataclasses.fields(config_cls)), "    "))
+        for preset in config_cls.list_presets():
+            print(_wrapped(f"preset {preset:16s} {config_cls.preset(preset).describe()}", "    "))
+            if config_cls.PRESET_SOURCES.get(preset):
+                print(_wrapped(f"source: {config_cls.PRESET_SOURCES[preset]}", " " * 28))
+    for title, registry in (("adapters (pumer_plug.apply(model, adapter=NAME); 'auto' picks one):", ADAPTERS),
+                            ("tasks (compare/sweep/finetune --task NAME):", TASKS),
+                            ("bench model setups (bench --model NAME):", BENCH_MODELS)):
+        print(title)
+        for name, entry in registry.items():
+            print(_wrapped(f"{name:16s} {_summary(entry)}", "  ", " " * 19))
     return 0
+
+
+def _wrapped(text: str, indent: str, subsequent: str | None = None) -> str:
+    """``text`` wrapped to the 120 columns the CLI's output keeps to."""
+    import textwrap
+
+    return textwrap.fill(text, 120, initial_indent=indent, subsequent_indent=subsequent or indent + "  ",
+                         break_on_hyphens=False)
+
+
+def _summary(obj: Any) -> str:
+    """The first paragraph of a docstring on one line, without reStructuredText's double backticks."""
+    import inspect
+
+    paragraph = inspect.cleandoc(obj.__doc__ or "").split("\n\n")[0]
+    return " ".join(paragraph.split()).replace("``", "")
 
 
 def _finetune_config(args: argparse.Namespace, **fields: Any) -> Any:

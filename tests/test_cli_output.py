@@ -109,3 +109,16 @@ def test_list_shows_methods_with_fields_and_presets_adapters_tasks_and_bench_set
     for name in [*METHODS.list(), *ADAPTERS.list(), *TASKS.list(), *BENCH_MODELS.list()]:
         assert f"  {name}" in out
     assert "prune_ratio=0.1" in out and "preset vilt-vqa" in out and "keep_ratio=0.7" in out
+
+
+def test_list_fits_120_columns_and_names_every_registered_thing(capsys):
+    import pumer_plug
+    from pumer_plug.cli import main
+    from pumer_plug.registry import BENCH_MODELS, TASKS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 120
+    for name in [*pumer_plug.list_methods(), *pumer_plug.list_adapters(), *TASKS.list(), *BENCH_MODELS.list()]:
+        assert f"  {name}" in out
+    assert "``" not in out

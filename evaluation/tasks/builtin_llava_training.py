@@ -31,7 +31,7 @@ from transformers import LlavaForConditionalGeneration
 from pumer_plug.evaluation.training.loop import decay_groups, schedule, train_steps
 
 from .builtin_llava_data import collate_llava, num_image_tokens, token_ids
-from .builtin_training import BACKGROUND, NUM_CELLS, AuxiliaryHeads, Stage, _cross_entropy, auxiliary_targets
+from .builtin_training import AuxiliaryHeads, Stage, auxiliary_targets, grounding_losses
 from .digits import DigitsVQA, Example
 
 #: 48 px (V = 9), 96 px (V = 36), then the task's 192 px (V = 144)
@@ -119,18 +119,9 @@ def step_losses(model: LlavaForConditionalGeneration, heads: AuxiliaryHeads, inp
     rows = torch.arange(B)[:, None]
     text = hidden[rows, positions]  # (B, T, C)
     image = hidden[rows, start[:, None] + 1 + torch.arange(V)]  # (B, V, C), row-major over the grid
-    patch = targets["patch"].reshape(B, V)
-    patch_logits = heads.patch(image)
-    ink = patch != BACKGROUND
     last = hidden[:, -3]  # the last prompt token
-    return {
-        "answer": answer_loss,
-        "patch": _cross_entropy(patch_logits[ink], patch[ink]) + _cross_entropy(patch_logits[~ink], patch[~ink]),
-        "layout": _cross_entropy(heads.layout(last).view(-1, NUM_CELLS, 11), targets["layout"]),
-        "counts": _cross_entropy(heads.counts(last).view(-1, 11, NUM_CELLS + 1), targets["counts"]),
-        "digit_words": _cross_entropy(heads.digit_words(text), targets["digit_words"]),
-        "place_words": _cross_entropy(heads.place_words(text), targets["place_words"]),
-    }
+    return {"answer": answer_loss,
+            **grounding_losses(heads, image, targets["patch"].reshape(B, V), text, last, targets)}
 
 
 def fit_llava(model: LlavaForConditionalGeneration, stages: list[tuple[DigitsVQA, int]], tokenizer: Tokenizer,

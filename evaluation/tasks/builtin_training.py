@@ -182,15 +182,25 @@ def step_losses(model: ViltForQuestionAnswering, heads: AuxiliaryHeads, inputs: 
     text, image = captured["sequence"][:, :num_text], captured["sequence"][:, num_text + 1:]  # skip image CLS
     rows, cols = captured["patch_index"].unbind(-1)  # (B, V) each
     patch = targets["patch"][torch.arange(len(examples))[:, None], rows, cols]  # (B, V)
+    return {"answer": nn.functional.cross_entropy(logits, answer_ids),
+            **grounding_losses(heads, image, patch, text, captured["pooled"], targets)}
+
+
+def grounding_losses(heads: AuxiliaryHeads, image: torch.Tensor, patch: torch.Tensor, text: torch.Tensor,
+                     summary: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training-only grounding terms of the built-in recipes (ViLT and LLaVA).
+
+    Shapes:
+        image (B, V, C) in raster order, patch (B, V) targets of those tokens, text (B, T, C),
+        summary (B, C) (ViLT's pooled output, LLaVA's last prompt token) -> scalar per term
+    """
     patch_logits = heads.patch(image)  # (B, V, 91)
     ink = patch != BACKGROUND
-    pooled = captured["pooled"]
     return {
-        "answer": nn.functional.cross_entropy(logits, answer_ids),
         # ink and background weigh the same: 2-7 digit patches against 137-142 background ones
         "patch": _cross_entropy(patch_logits[ink], patch[ink]) + _cross_entropy(patch_logits[~ink], patch[~ink]),
-        "layout": _cross_entropy(heads.layout(pooled).view(-1, NUM_CELLS, 11), targets["layout"]),
-        "counts": _cross_entropy(heads.counts(pooled).view(-1, 11, NUM_CELLS + 1), targets["counts"]),
+        "layout": _cross_entropy(heads.layout(summary).view(-1, NUM_CELLS, 11), targets["layout"]),
+        "counts": _cross_entropy(heads.counts(summary).view(-1, 11, NUM_CELLS + 1), targets["counts"]),
         "digit_words": _cross_entropy(heads.digit_words(text), targets["digit_words"]),
         "place_words": _cross_entropy(heads.place_words(text), targets["place_words"]),
     }

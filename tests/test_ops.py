@@ -157,6 +157,42 @@ def test_weighted_average_uses_sizes_and_gradients_flow():
     assert x.grad is not None and (x.grad != 0).all()
 
 
+def loop_apply(dest, num_out, x, size):
+    B, N, C = x.shape
+    out = torch.zeros(B, num_out, C, dtype=torch.float64)
+    for b in range(B):
+        for slot in range(num_out):
+            members = [n for n in range(N) if dest[b, n] == slot]
+            if members:
+                weight = sum(float(size[b, n, 0]) for n in members)
+                out[b, slot] = sum(x[b, n].double() * float(size[b, n, 0]) for n in members) / weight
+    return out
+
+
+@pytest.mark.parametrize("merges", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_apply_matches_loop_reference(merges, seed):
+    """Merging (index-add) and keep-or-drop (gather) plans, with discarded tokens and empty slots."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, C, M = 3, 9, 4, 5
+    if merges:
+        dest = torch.randint(0, M + 1, (B, N), generator=g)  # several tokens per slot, some discarded
+    else:
+        dest = torch.stack([torch.cat([torch.arange(M), torch.full((N - M,), M)])[torch.randperm(N, generator=g)]
+                            for _ in range(B)])  # at most one token per slot
+        dest[0][dest[0] == 2] = M  # row 0: slot 2 stays empty
+    plan = ReductionPlan(dest=dest, num_out=M, merges=merges)
+    x = torch.randn(B, N, C, generator=g, requires_grad=True)
+    size = torch.randint(1, 4, (B, N, 1), generator=g).float()
+    out = plan.apply(x, size)
+    assert out.shape == (B, M, C) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), loop_apply(dest, M, x.detach(), size))
+    torch.testing.assert_close(plan.apply(x).double(), loop_apply(dest, M, x.detach(), torch.ones(B, N, 1)))
+    out.sum().backward()
+    kept = dest < M
+    assert (x.grad.abs().sum(-1) > 0)[kept].all() and (x.grad[~kept] == 0).all()
+
+
 def test_identity_plan_and_compositions():
     x = torch.randn(2, 5, 3)
     ident = ReductionPlan.identity(5)

@@ -81,7 +81,7 @@ class ViltAdapter(Adapter):
 
     def attach(self, handle: Any) -> None:
         method, embeddings = handle.method, self.vilt.embeddings
-        handle.set_attribute(embeddings, "visual_embed", _raster_order(embeddings.visual_embed))
+        handle.set_attribute(embeddings, "visual_embed", _raster_order(embeddings.visual_embed, handle.timed))
         handle.add_forward_hook(embeddings, lambda m, args, out: self._start(handle, args, out))
         first = min(handle.reduction_layers, default=self.num_layers)
         for i, layer in enumerate(self.layers):
@@ -154,19 +154,24 @@ def _reducer(handle: Any, layer: int):
     return hook
 
 
-def _raster_order(visual_embed):
-    """Wraps ``ViltEmbeddings.visual_embed`` to return patches in raster order, padding last."""
+def _raster_order(visual_embed, timed):
+    """Wraps ``ViltEmbeddings.visual_embed`` to return patches in raster order, padding last; the
+    reordering runs through ``timed`` (the handle's hook timer), so it counts as the plugin's time."""
 
-    def wrapped(pixel_values, pixel_mask, max_image_length=200):
-        x, x_mask, (patch_index, (height, width)) = visual_embed(pixel_values, pixel_mask, max_image_length=max_image_length)
+    def reorder(x, x_mask, patch_index, height, width):
         # x (B, 1 + M, C) with image CLS first; x_mask (B, 1 + M); patch_index (B, M, 2)
         key = patch_index[..., 0] * width + patch_index[..., 1]  # (B, M)
         key = key + (1 - x_mask[:, 1:].long()) * (height * width)  # padding patches last
-        order = key.argsort(dim=1, stable=True)  # (B, M)
-        x_body = x[:, 1:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], x_body], dim=1)
-        x_mask = torch.cat([x_mask[:, :1], x_mask[:, 1:].gather(1, order)], dim=1)
-        patch_index = patch_index.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+        order = torch.cat([torch.zeros_like(key[:, :1]), 1 + key.argsort(dim=1, stable=True)], dim=1)  # (B, 1 + M), CLS first
+        x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x_mask = x_mask.gather(1, order)
+        patch_index = patch_index.gather(1, order[:, 1:].sub(1).unsqueeze(-1).expand(-1, -1, 2))
         return x, x_mask, (patch_index, (height, width))
+
+    reorder = timed(reorder)
+
+    def wrapped(pixel_values, pixel_mask, max_image_length=200):
+        x, x_mask, (patch_index, (height, width)) = visual_embed(pixel_values, pixel_mask, max_image_length=max_image_length)
+        return reorder(x, x_mask, patch_index, height, width)
 
     return wrapped

@@ -66,7 +66,7 @@ class _VitAdapter(Adapter):
                 continue
             if method.needs_keys:
                 self.catch_keys(handle, block)
-            handle.set_attribute(block, "forward", self.wrap_forward(block, self._reducer(handle, i)))
+            handle.set_attribute(block, "forward", self.wrap_forward(block, handle.timed(self._reducer(handle, i))))
 
     # -- what subclasses provide -----------------------------------------------------------
     def checkpointing(self) -> bool:

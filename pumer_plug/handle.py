@@ -100,12 +100,12 @@ class ReductionHandle:
 
     # -- what adapters use to attach -------------------------------------------------------
     def add_forward_pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
-        self._hooks.append(module.register_forward_pre_hook(self._timed(fn), with_kwargs=with_kwargs))
+        self._hooks.append(module.register_forward_pre_hook(self.timed(fn), with_kwargs=with_kwargs))
 
     def add_forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
-        self._hooks.append(module.register_forward_hook(self._timed(fn), with_kwargs=with_kwargs))
+        self._hooks.append(module.register_forward_hook(self.timed(fn), with_kwargs=with_kwargs))
 
-    def _timed(self, fn: Callable) -> Callable:
+    def timed(self, fn: Callable) -> Callable:
         """Wraps a hook so that, while ``time_hooks`` is on, its wall time adds to ``hook_seconds``.
 
         On CUDA the timing is only meaningful with ``CUDA_LAUNCH_BLOCKING=1``; benchmarks use it on CPU.

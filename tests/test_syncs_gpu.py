@@ -34,8 +34,8 @@ def strict_hooks(monkeypatch):
     """Every hook the library registers runs under sync debug mode "error"; ``real_lengths`` (the
     forward's one read) runs under "default" and is counted."""
     reads = []
-    timed = ReductionHandle._timed
-    monkeypatch.setattr(ReductionHandle, "_timed", lambda self, fn: timed(self, _sync_mode("error")(fn)))
+    timed = ReductionHandle.timed
+    monkeypatch.setattr(ReductionHandle, "timed", lambda self, fn: timed(self, _sync_mode("error")(fn)))
     for name in ("vilt", "meter", "bridgetower"):
         module = importlib.import_module(f"pumer_plug.adapters.{name}")
         if hasattr(module, "real_lengths"):

@@ -26,6 +26,7 @@ from transformers import ViltForMaskedLM, ViltForTokenClassification, ViltModel
 from pumer_plug.adapters.base import (Adapter, AdapterError, TokenLayout, get_submodule, keys_catcher, real_lengths, residual_rewriter,
                                       saliency_catcher, stream_bias)
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
+from pumer_plug.ops.plan import gather_rows
 from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
@@ -163,7 +164,7 @@ def _raster_order(visual_embed, timed):
         key = patch_index[..., 0] * width + patch_index[..., 1]  # (B, M)
         key = key + (1 - x_mask[:, 1:].long()) * (height * width)  # padding patches last
         order = torch.cat([torch.zeros_like(key[:, :1]), 1 + key.argsort(dim=1, stable=True)], dim=1)  # (B, 1 + M), CLS first
-        x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = gather_rows(x, order)  # (B, 1 + M, C)
         x_mask = x_mask.gather(1, order)
         patch_index = patch_index.gather(1, order[:, 1:].sub(1).unsqueeze(-1).expand(-1, -1, 2))
         return x, x_mask, (patch_index, (height, width))

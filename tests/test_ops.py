@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pumer_plug.ops.plan import ReductionPlan, compact_plan, concat_plans
+from pumer_plug.ops.plan import ReductionPlan, compact_plan, concat_plans, gather_rows
 from pumer_plug.ops.reduce import (
     attention_bias,
     bipartite_soft_matching,
@@ -191,6 +191,17 @@ def test_plan_apply_matches_loop_reference(merges, seed):
     out.sum().backward()
     kept = dest < M
     assert (x.grad.abs().sum(-1) > 0)[kept].all() and (x.grad[~kept] == 0).all()
+
+
+def test_gather_rows_matches_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, generator=g)
+    index = torch.randint(0, 7, (3, 4), generator=g)
+    out = gather_rows(x, index)
+    assert out.shape == (3, 4, 5)
+    for b in range(3):
+        for m in range(4):
+            assert torch.equal(out[b, m], x[b, index[b, m]])
 
 
 def test_identity_plan_and_compositions():

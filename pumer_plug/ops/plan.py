@@ -15,6 +15,19 @@ import torch
 from pumer_plug.ops.counts import add_counts
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of every batch element: ``x[b, index[b, m]]``, copied as whole rows (one
+    ``index_select`` over the flattened batch, 2-3x faster on CPU than ``gather`` with an index
+    expanded over channels).
+
+    Shapes:
+        x (B, N, C), index (B, M) int64 in [0, N) -> (B, M, C), contiguous
+    """
+    B, N, C = x.shape
+    rows = (index + torch.arange(B, device=index.device).unsqueeze(1) * N).reshape(-1)  # (B * M,)
+    return x.reshape(B * N, C).index_select(0, rows).view(B, index.shape[1], C)
+
+
 @dataclass(frozen=True)
 class ReductionPlan:
     """Destination slot of every token.

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from pumer_plug.ops.counts import add_counts, counts_on_device, merge_count, prune_count  # noqa: F401 (re-exported)
-from pumer_plug.ops.plan import ReductionPlan, compact_plan
+from pumer_plug.ops.plan import ReductionPlan, compact_plan, gather_rows
 
 
 SALIENCY_HEADS = ("sum", "first")
@@ -173,8 +173,7 @@ def _best_edges(keys: torch.Tensor, is_a: torch.Tensor, is_b: torch.Tensor, num_
     pos_b, ok_b = _gather_positions(is_b)  # (B, N_b)
     k = keys.float()
     k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    k_a = k.gather(1, pos_a.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_a, C)
-    k_b = k.gather(1, pos_b.unsqueeze(-1).expand(-1, -1, k.shape[-1]))  # (B, N_b, C)
+    k_a, k_b = gather_rows(k, pos_a), gather_rows(k, pos_b)  # (B, N_a, C), (B, N_b, C)
     scores = k_a @ k_b.transpose(1, 2)  # (B, N_a, N_b)
     scores = scores.masked_fill(~(ok_a[:, :, None] & ok_b[:, None, :]), -math.inf)
     node_max, node_idx = scores.max(dim=-1)  # (B, N_a)

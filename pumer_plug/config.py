@@ -300,11 +300,12 @@ def parse_error_text(err: Exception) -> str:
 
 
 def load_method_config(method: str, spec: Any = None) -> Any:
-    """Returns the config of ``method`` from a preset name, a JSON/YAML path, a mapping, or None.
+    """Returns the config of ``method`` from a preset name, a JSON/YAML path, inline JSON
+    (``'{"r": 12}'``), a mapping, or None.
 
     Raises:
         ValueError: unknown method, unknown preset that is not a file either, unreadable file,
-            or fields the method's config does not take.
+            inline JSON that does not parse to an object, or fields the method's config does not take.
     """
     config_cls = METHODS.get(method).config_class
     if spec is None:
@@ -314,6 +315,12 @@ def load_method_config(method: str, spec: Any = None) -> Any:
     if isinstance(spec, dict):
         return config_from_mapping(config_cls, spec, f"{method} config")
     spec = str(spec)
+    if spec.lstrip().startswith("{"):
+        try:
+            fields = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise UserError(f"inline {method} config {spec!r} is not valid JSON: {err.msg} at column {err.colno}") from None
+        return config_from_mapping(config_cls, fields, f"inline {method} config")
     presets = config_cls.PRESETS
     if spec in presets:
         return config_cls.preset(spec)
@@ -321,4 +328,4 @@ def load_method_config(method: str, spec: Any = None) -> Any:
     if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
         return config_from_mapping(config_cls, read_config_file(path), str(path))
     known = ", ".join(sorted(presets)) or "(none)"
-    raise UserError(f"{spec!r} is neither a {method} preset ({known}) nor a .json/.yaml config file")
+    raise UserError(f"{spec!r} is neither a {method} preset ({known}), a .json/.yaml config file nor inline JSON")

@@ -104,3 +104,14 @@ def test_presets_of_every_config_go_through_the_base():
     assert DynamicViTConfig.preset("vilt").describe() == "DynamicViT layers=3,6,9 rho=0.7"
     with pytest.raises(ValueError, match="unknown ToMe preset 'x'; known presets: \\(none\\)"):
         TomeConfig.preset("x")
+
+
+def test_inline_json_config_on_the_command_line():
+    from pumer_plug.config import load_method_config
+    from pumer_plug.errors import UserError
+
+    assert load_method_config("tome", '{"r": 12}').r == 12
+    with pytest.raises(UserError, match="inline tome config .* not valid JSON"):
+        load_method_config("tome", '{"r": 12')
+    with pytest.raises(UserError, match="r"):
+        load_method_config("tome", '{"r": -3}')

@@ -179,10 +179,9 @@ class LlavaAdapter(Adapter):
             handle.start_forward()
             return None
         is_image = input_ids == self.image_token_id  # (B, N)
+        if cache is not None and cache.get_seq_length() > 0:  # not a prefill: the cache holds earlier tokens
+            return self._continue(handle, state, cache, is_image, args, kwargs)
         has_image = bool(is_image.any())
-        if state is not None and not has_image and cache is not None and state.cache is not None and state.cache() is cache:
-            state.in_prefill = False  # a decode step on the reduced cache
-            return self._decode_inputs(args, kwargs)
         handle.start_forward()
         if not has_image:
             return None  # no image: the forward runs unreduced
@@ -190,6 +189,25 @@ class LlavaAdapter(Adapter):
         if self.placement == "decoder-input":
             return self._shrink_prompt(handle, args, kwargs, is_image)
         return None
+
+    def _continue(self, handle: Any, state: LlavaState | None, cache: Any, is_image: torch.Tensor,
+                  args: tuple, kwargs: dict):
+        """A forward on a non-empty cache (a decode step), told apart from a prefill by the cache, as
+        transformers' Llama does (``cache.get_seq_length()`` past tokens), never by its token ids: a
+        decode step whose token is the image token id is still a decode step.
+
+        Raises:
+            ValueError: image tokens continue a cache this handle did not fill (they are reduced in a prefill only).
+        """
+        if state is not None and state.cache is not None and state.cache() is cache:
+            state.in_prefill = False  # a decode step on the reduced cache
+            return self._decode_inputs(args, kwargs)
+        handle.start_forward()
+        has_pixels = kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        if has_pixels and bool(is_image.any()):
+            raise ValueError(f"llava adapter: image tokens continue a cache of {cache.get_seq_length()} tokens that this "
+                             "handle did not fill; images are reduced in a prefill (a forward on an empty cache)")
+        return None  # a continuation of an unreduced cache runs unreduced
 
     def _new_state(self, handle: Any, input_ids: torch.Tensor, is_image: torch.Tensor, kwargs: dict) -> LlavaState:
         B, N = input_ids.shape

@@ -94,6 +94,10 @@ class BuiltinLlavaTask(Task):
             result.targets += [self.tokenizer.id_to_token(int(t)) for t in targets]
         return result
 
+    def token_texts(self, input_ids: Sequence[int]) -> list[str]:
+        """The word of every token id (``pumer-plug show``); specials as written, e.g. ``<image>``."""
+        return [self.tokenizer.id_to_token(int(i)) or str(i) for i in input_ids]
+
     def reference_accuracies(self, split: str = "test") -> dict[str, float]:
         """Always the most frequent train answer, and the best answer per question (question-only prior)."""
         data, train = self.dataset(split), DigitsVQA("train", 10000, seed=0)

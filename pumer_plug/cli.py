@@ -325,7 +325,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
              "-" if r.get("throughput_increase") is None else f"{r['throughput_increase']:.2f}x", r.get("error") or ""]
             for r in records]
     if rows:
-        print(tabulate(rows, headers=["method", "label", "status", "accuracy", "throughput increase", "error"],
+        print(tabulate(rows, headers=["method", "label", "status", "accuracy", task.speedup_label, "error"],
                        tablefmt="github", disable_numparse=True))
     failed = sum(r["status"] == "error" for r in records)
     print(f"\nwritten: {results}" + (f" ({failed} point(s) failed; re-run to retry them)" if failed else ""))

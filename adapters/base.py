@@ -75,13 +75,15 @@ class TokenLayout:
 
     Attributes:
         image_stream: the stream holding the patches (a key of ``handle.streams``).
-        image_start: index of the first patch token in that stream; the token before it is the image
-            CLS (or the last prefix token), first in the image segment.
+        image_start: index of the first patch token in that stream.
         grid: (rows, cols) of the patch grid; the patches follow in raster order.
         text_stream: the stream holding the text, or None (image-only backbones).
         text_start: index of the first text token in ``text_stream``.
         num_text: padded text length.
         image_input: the keyword argument of the model's forward that holds the image.
+        image_prefix: tokens of the image segment before the first patch (an image CLS, kept at
+            every layer, whose slot opens the segment); 0 when the stream's plans are over the
+            patches alone (their slots start at 0).
     """
 
     image_stream: str
@@ -91,6 +93,7 @@ class TokenLayout:
     text_start: int = 0
     num_text: int = 0
     image_input: str = "pixel_values"
+    image_prefix: int = 1
 
 
 class Adapter:

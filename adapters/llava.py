@@ -24,6 +24,7 @@ columns of the 4-D mask for the reduced layers (transformers 5.x sizes it from l
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import torch.nn as nn
 from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from pumer_plug.adapters.base import Adapter, AdapterError, get_submodule
+from pumer_plug.adapters.base import Adapter, AdapterError, TokenLayout, get_submodule
 from pumer_plug.adapters.decoder_ops import reduce_mask, row_plan, scatter_image
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.method import KEYS, TEXT_SALIENCY
@@ -60,6 +61,7 @@ class LlavaState:
     num_image: int
     num_tokens: int
     input_tokens: int
+    input_image: int  # V of the prompt as given (before any reduction)
     orig_index: torch.Tensor
     real: torch.Tensor
     in_prefill: bool = True
@@ -118,6 +120,16 @@ class LlavaAdapter(Adapter):
         self._handle: Any = None
         self.placement = "decoder-layer"
         self._check_attention(text)
+
+    def token_layout(self, inputs: Any) -> TokenLayout | None:
+        """The last prompt's image run as a square grid in raster order (LLaVA's CLIP patches without
+        CLS). The plans this adapter reports under ``"llava"`` are over that run alone (B, V), and
+        text is never reduced. None before a prompt with image tokens, or for a run that is not square."""
+        st = self.state
+        side = 0 if st is None else math.isqrt(st.input_image)
+        if side == 0 or side * side != st.input_image:
+            return None
+        return TokenLayout(STREAM, 0, (side, side), image_prefix=0)
 
     @staticmethod
     def _check_attention(text_config: Any) -> None:
@@ -179,10 +191,9 @@ class LlavaAdapter(Adapter):
             handle.start_forward()
             return None
         is_image = input_ids == self.image_token_id  # (B, N)
+        if cache is not None and cache.get_seq_length() > 0:  # not a prefill: the cache holds earlier tokens
+            return self._continue(handle, state, cache, is_image, args, kwargs)
         has_image = bool(is_image.any())
-        if state is not None and not has_image and cache is not None and state.cache is not None and state.cache() is cache:
-            state.in_prefill = False  # a decode step on the reduced cache
-            return self._decode_inputs(args, kwargs)
         handle.start_forward()
         if not has_image:
             return None  # no image: the forward runs unreduced
@@ -190,6 +201,25 @@ class LlavaAdapter(Adapter):
         if self.placement == "decoder-input":
             return self._shrink_prompt(handle, args, kwargs, is_image)
         return None
+
+    def _continue(self, handle: Any, state: LlavaState | None, cache: Any, is_image: torch.Tensor,
+                  args: tuple, kwargs: dict):
+        """A forward on a non-empty cache (a decode step), told apart from a prefill by the cache, as
+        transformers' Llama does (``cache.get_seq_length()`` past tokens), never by its token ids: a
+        decode step whose token is the image token id is still a decode step.
+
+        Raises:
+            ValueError: image tokens continue a cache this handle did not fill (they are reduced in a prefill only).
+        """
+        if state is not None and state.cache is not None and state.cache() is cache:
+            state.in_prefill = False  # a decode step on the reduced cache
+            return self._decode_inputs(args, kwargs)
+        handle.start_forward()
+        has_pixels = kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        if has_pixels and bool(is_image.any()):
+            raise ValueError(f"llava adapter: image tokens continue a cache of {cache.get_seq_length()} tokens that this "
+                             "handle did not fill; images are reduced in a prefill (a forward on an empty cache)")
+        return None  # a continuation of an unreduced cache runs unreduced
 
     def _new_state(self, handle: Any, input_ids: torch.Tensor, is_image: torch.Tensor, kwargs: dict) -> LlavaState:
         B, N = input_ids.shape
@@ -220,7 +250,7 @@ class LlavaAdapter(Adapter):
         if method.needs_text_saliency and method.saliency_queries == "text" and min(after_h) < 1:
             raise ValueError(f"llava adapter: method {method.name!r} scores image tokens by the text after the image; "
                              "a row has no text after its image")
-        return LlavaState(first, tuple(first_h), V, N, N, pos.expand(B, N), real)
+        return LlavaState(first, tuple(first_h), V, N, N, V, pos.expand(B, N), real)
 
     # -- decoder-input placement (pool) -------------------------------------------------------
     def _shrink_prompt(self, handle: Any, args: tuple, kwargs: dict, is_image: torch.Tensor):
@@ -404,10 +434,14 @@ def _image_stream(B: int, V: int, device: torch.device) -> TokenStream:
 
 
 def _count_stream(stream: TokenStream, num_text: int, B: int) -> TokenStream:
-    """A stream of the same image count plus the prompt's text, for ``handle.record_counts``."""
+    """A stream of the same image count plus the prompt's text, for ``handle.record_counts``; it
+    hands the plan observers (``pumer-plug show``) the image run's plan (B, V) and scores."""
     V = stream.count(IMAGE)
     mask = torch.ones(B, num_text + V, dtype=torch.bool, device=stream.mask.device)
-    return TokenStream(mask, torch.zeros_like(mask), [Segment(TEXT, num_text, 0), Segment(IMAGE, V, 0)], [(num_text,) * B, (V,) * B])
+    counts = TokenStream(mask, torch.zeros_like(mask), [Segment(TEXT, num_text, 0), Segment(IMAGE, V, 0)],
+                         [(num_text,) * B, (V,) * B])
+    counts.last_plan, counts.last_saliency = stream.last_plan, stream.last_saliency
+    return counts
 
 
 def _check_uniform(plan: ReductionPlan, method: Any) -> None:

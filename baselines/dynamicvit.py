@@ -291,7 +291,7 @@ class DynamicViT(ReductionMethod):
             self._build(config.embed_dim)
 
     @classmethod
-    def suggest_config(cls, trial: Any, num_layers: int) -> DynamicViTConfig:
+    def suggest_config(cls, trial: Any, num_layers: int, placement: str = "encoder-layer") -> DynamicViTConfig:
         """Pruning layers (stages) and the keep ratio rho per stage."""
         return DynamicViTConfig(reduction_layers=suggest_layers(trial, num_layers),
                                 keep_ratio=trial.suggest_float("keep_ratio", 0.3, 0.95, step=0.05))

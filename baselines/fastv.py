@@ -89,7 +89,7 @@ class KeepTopK(ReductionMethod):
         return (point,)
 
     @classmethod
-    def suggest_config(cls, trial: Any, num_layers: int) -> KeepConfig:
+    def suggest_config(cls, trial: Any, num_layers: int, placement: str = "encoder-layer") -> KeepConfig:
         """K (the first layer on the kept tokens) and the prune ratio R."""
         return cls.config_class(layer=trial.suggest_int("layer", 1, num_layers),
                                 prune_ratio=trial.suggest_float("prune_ratio", 0.0, 0.95, step=0.05))

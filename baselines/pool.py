@@ -86,7 +86,7 @@ class Pool(ReductionMethod):
             raise ValueError(f"pool: {num_image} image tokens do not form a square grid")
 
     @classmethod
-    def suggest_config(cls, trial: Any, num_layers: int) -> PoolConfig:
+    def suggest_config(cls, trial: Any, num_layers: int, placement: str = "encoder-layer") -> PoolConfig:
         """The pooling stride (window side)."""
         return PoolConfig(stride=trial.suggest_int("stride", 1, 4))
 

@@ -166,7 +166,7 @@ class SmRes(ReductionMethod):
         return (0,)  # identity plans there: the adapter records the token counts of the forward
 
     @classmethod
-    def suggest_config(cls, trial: Any, num_layers: int) -> SmResConfig:
+    def suggest_config(cls, trial: Any, num_layers: int, placement: str = "encoder-layer") -> SmResConfig:
         """The image side-length scale."""
         return SmResConfig(scale=trial.suggest_float("scale", 0.3, 1.0, step=0.05))
 

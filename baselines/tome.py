@@ -187,7 +187,7 @@ class Tome(ReductionMethod):
         return tuple(i for i, r in enumerate(self._schedule) if r > 0)
 
     @classmethod
-    def suggest_config(cls, trial: Any, num_layers: int) -> TomeConfig:
+    def suggest_config(cls, trial: Any, num_layers: int, placement: str = "encoder-layer") -> TomeConfig:
         """r per layer and ToMe's schedule shape (``inflection``: -1 decreasing, 0 constant, +1 increasing)."""
         return TomeConfig(r=trial.suggest_int("r", 1, 32, log=True),
                           inflection=trial.suggest_categorical("inflection", [-1.0, -0.5, 0.0, 0.5, 1.0]))

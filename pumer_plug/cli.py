@@ -325,7 +325,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
              "-" if r.get("throughput_increase") is None else f"{r['throughput_increase']:.2f}x", r.get("error") or ""]
             for r in records]
     if rows:
-        print(tabulate(rows, headers=["method", "label", "status", "accuracy", "throughput increase", "error"],
+        print(tabulate(rows, headers=["method", "label", "status", "accuracy", task.speedup_label, "error"],
                        tablefmt="github", disable_numparse=True))
     failed = sum(r["status"] == "error" for r in records)
     print(f"\nwritten: {results}" + (f" ({failed} point(s) failed; re-run to retry them)" if failed else ""))
@@ -361,7 +361,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       flops_margin=args.flops_margin, rounds=args.rounds, timing_batches=args.timing_batches,
                       device=args.device, seed=args.seed)
     print(format_result(result))
-    if result.rows:
+    if result.rows and task.generates:  # a decoder VLM's rows: time to first token, decode tokens/s, KV cache
+        from pumer_plug.evaluation.studies.decoder_compare import format_decoder_table, write_decoder_results
+
+        print(format_decoder_table(result.rows))
+        write_decoder_results(result.rows, output)
+    elif result.rows:
         print(format_table(result.rows))
         write_results(result.rows, output)
         print(f"\nwritten: {result.config_path} (pumer-plug compare --methods dense,{method} "

@@ -101,9 +101,11 @@ class ReductionMethod:
         return False
 
     @classmethod
-    def suggest_config(cls, trial: Any, num_layers: int) -> Any:
+    def suggest_config(cls, trial: Any, num_layers: int, placement: str = "encoder-layer") -> Any:
         """A config drawn for one search trial of ``pumer-plug tune``: the method's knobs through the
-        ``suggest_*`` calls of an Optuna ``trial``, for a backbone of ``num_layers`` reducible layers.
+        ``suggest_*`` calls of an Optuna ``trial``, for a backbone of ``num_layers`` reducible layers
+        where the method acts at ``placement`` (one of its ``placements``, the backbone's choice:
+        :func:`~pumer_plug.placement.placement`), so a space can leave out what a backbone refuses.
 
         Raises:
             NotImplementedError: the method defines no search space (the default).

@@ -43,12 +43,18 @@ class Pumer(ReductionMethod):
         return self.config.proportional_attention
 
     @classmethod
-    def suggest_config(cls, trial, num_layers: int) -> PumerConfig:
-        """Reduction layers, prune ratio k, image merge ratio r and text merge ratio t (PuMer Table 4's knobs)."""
+    def suggest_config(cls, trial, num_layers: int, placement: str = "encoder-layer") -> PumerConfig:
+        """Reduction layers, prune ratio k, image merge ratio r and text merge ratio t (PuMer Table 4's knobs).
+
+        Between decoder layers (``"decoder-layer"``) text is never merged (t = 0: every prompt token
+        is a cached, causally ordered position) and k reaches 0.95, as FastV's prune ratio does.
+        """
+        decoder = placement == "decoder-layer"
         return PumerConfig(reduction_layers=suggest_layers(trial, num_layers),
-                           prune_ratio=trial.suggest_float("prune_ratio", 0.0, 0.8, step=0.05),
+                           prune_ratio=trial.suggest_float("prune_ratio", 0.0, 0.95 if decoder else 0.8, step=0.05),
                            image_merge_ratio=trial.suggest_float("image_merge_ratio", 0.0, 0.5, step=0.05),
-                           text_merge_ratio=trial.suggest_float("text_merge_ratio", 0.0, 0.3, step=0.05))
+                           text_merge_ratio=0.0 if decoder else
+                           trial.suggest_float("text_merge_ratio", 0.0, 0.3, step=0.05))
 
     def reduce(self, layer: int, stream: TokenStream) -> ReductionPlan:
         plans = []

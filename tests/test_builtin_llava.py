@@ -161,3 +161,52 @@ def test_recipe_first_stage_learns_to_read_the_image_on_every_seed(seed):
     val = DigitsVQA("val", 300, seed, question_types=("place",), region_patches=1, jitter=1)
     train = DigitsVQA("train", 3000, seed, question_types=("place",))
     assert first_token_accuracy(model, tokenizer, val) > digits.question_prior_accuracy(val, train) + 0.15
+
+
+# -- sweep, plot, tune and show on the built-in decoder VLM (the tiny stand-in of `tiny_cache`) -----------
+def test_sweep_decoder_budgets_and_plot_accuracy_vs_prefill_speedup_and_kept_tokens(tiny_cache, tmp_path, capsys):
+    output = tmp_path / "sweep"
+    assert main(["sweep", "--task", "builtin-llava", "--grid", "decoder-budgets", "--num-test-examples", "4",
+                 "--batch-size", "4", "--rounds", "1", "--timing-batches", "1", "--output", str(output)]) == 0
+    assert "prefill speed-up" in capsys.readouterr().out
+    records = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    dense, points = records[0], records[1:]
+    assert all(r["status"] == "ok" for r in records) and dense["image_tokens"] == 144
+    kept = {(r["method"], r["image_tokens_kept"]) for r in points}
+    assert kept == {(m, k) for m in ("pumer", "fastv", "random") for k in (72, 36, 16, 9)} | {("pool", k) for k in (36, 16, 9)}
+    assert all(r["speedup_label"] == "prefill speed-up" and r["flops_ratio"] < 1 for r in points)
+    for name in ("tradeoff.png", "tradeoff.svg", "tokens.png", "tokens.svg"):
+        assert (output / name).stat().st_size > 0
+    assert "<svg" in (output / "tokens.svg").read_text() and "image tokens kept" in (output / "tokens.svg").read_text()
+    table = (output / "table.md").read_text()
+    assert "Prefill Speed-Up" in table and "Image Tokens Kept" in table and "| FastV keep 9 " in table
+
+
+def test_tune_searches_decoder_spaces_gated_on_prefill_flops(tiny_cache, tmp_path):
+    from pumer_plug.evaluation.studies.tune import run_tune
+
+    task = get_task("builtin-llava", TaskOptions(num_test_examples=4))
+    result = run_tune(task, "pumer", 1.5, budget=4, output_dir=tmp_path, num_val_examples=8, batch_size=4, rounds=1,
+                      timing_batches=1, progress=False)
+    assert result.frontier and all(c.config.text_merge_ratio == 0 and c.flops_speedup >= 1.5 for c in result.frontier)
+    assert [r["method"] for r in result.rows] == ["dense", "pumer"]
+    assert result.rows[1]["ttft_ms"] > 0 and result.rows[1]["flops_percent"] * 1.5 <= 100.01  # decoder rows
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_show_draws_the_kept_image_tokens_on_the_12x12_grid(tiny_cache, tmp_path, method):
+    from pumer_plug.evaluation.studies.show import run_show
+
+    task = get_task("builtin-llava")
+    result, paths = run_show(task, method, task.default_config(method), index=1, output_dir=tmp_path)
+    (view,) = result.layers
+    assert result.grid == (12, 12) and view.image_tokens == 36 and not result.text_traced
+    p = view.patches
+    assert sorted(p.kept + p.pruned + [i for g in p.merged for i in g]) == list(range(144))
+    if method == "pool":  # 2 x 2 windows: 36 groups of 4 neighbouring patches
+        assert len(p.merged) == 36 and all(len(g) == 4 and g[1] == g[0] + 1 and g[2] == g[0] + 12 for g in p.merged)
+    elif method in ("fastv", "random"):
+        assert len(p.kept) == 36 and len(p.pruned) == 108
+    assert (view.saliency is not None) == (method in ("pumer", "fastv"))  # scores of the methods that have them
+    assert result.tokens.count("<image>") == 144 and result.tokens[-1] == "?"  # the prompt, for the title
+    assert paths["png"].stat().st_size > 0

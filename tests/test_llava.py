@@ -261,3 +261,84 @@ def test_attention_kernels_without_4d_masks_are_refused():
     model.config.text_config._attn_implementation = "flash_attention_2"  # not run: only the check is tested
     with pytest.raises(ValueError, match="'flash_attention_2' attention; supported: 'sdpa' and 'eager'"):
         pumer_plug.apply(model, adapter="llava", method="fastv")
+
+
+# -- decode steps whose token is the image token id ------------------------------------------------
+class ForceImageToken:
+    """A logits processor that makes the first generated token the image token id."""
+
+    def __init__(self, prompt_length: int):
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_length:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, IMAGE_TOKEN] = 0.0
+        return scores
+
+
+def generate_through_image_token(model, batch, n=4):
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList([ForceImageToken(batch["input_ids"].shape[1])])
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=0, logits_processor=processors)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_decode_step_on_the_image_token_id_is_a_decode_step(model, method):
+    """The second decode step's input is the image token id: it stays a decode step on the prefill's
+    cache (dense == zero reduction; a reducing method neither fails nor starts a new prompt)."""
+    batch = llava_batch()
+    ref = generate_through_image_token(model, batch)
+    assert (ref[:, 0] == IMAGE_TOKEN).all()
+    with pumer_plug.apply(model, adapter="llava", method=method, config=zero(method)):
+        assert torch.equal(generate_through_image_token(model, batch), ref)
+    with pumer_plug.apply(model, adapter="llava", method=method, config=reducing(method)) as handle:
+        out = generate_through_image_token(model, batch)
+        assert (out[:, 0] == IMAGE_TOKEN).all() and min(c.image for c in handle.token_counts.values()) < V
+
+
+@pytest.mark.parametrize("method", ["fastv", "random"])
+def test_decode_step_on_the_image_token_id_equals_masking_the_pruned_keys(method):
+    """Prefill pruned, then one decode step whose token is the image token id == the unplugged model
+    with the pruned prompt keys masked out from layer K on, in the prefill and in that decode step."""
+    model = build_llava(NUM_LAYERS, attn="eager")
+    batch = llava_batch()
+    step = torch.full((2, 1), IMAGE_TOKEN)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(step)], dim=1)
+
+    def prefill_and_step():
+        with torch.no_grad():
+            cache = model(**batch, use_cache=True).cache
+            return model(input_ids=step, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+
+    with pumer_plug.apply(model, adapter="llava", method=method, config=reducing(method)) as handle:
+        out = prefill_and_step()
+        (after, kept), = handle.adapter.state.stages
+    N = batch["input_ids"].shape[1]
+    keep = torch.zeros(2, N + 1, dtype=torch.bool).scatter_(1, kept, True)
+    keep[:, N] = True  # the decode step's own token
+
+    def mask_pruned(module, args, kwargs):
+        m = kwargs["attention_mask"]  # (B, 1, q, L) additive
+        return args, {**kwargs, "attention_mask": m.masked_fill(~keep[:, None, None, : m.shape[-1]], torch.finfo(m.dtype).min)}
+
+    layers = model.model.language_model.layers
+    hooks = [layers[i].register_forward_pre_hook(mask_pruned, with_kwargs=True) for i in range(after + 1, NUM_LAYERS)]
+    try:
+        ref = prefill_and_step()
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_image_tokens_continuing_an_unreduced_cache_are_refused(model):
+    batch = split_rows(llava_batch())[0]
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([[1, 5]]), use_cache=True).cache  # filled without the handle
+    with pumer_plug.apply(model, adapter="llava", method="fastv", config=reducing("fastv")):
+        with pytest.raises(ValueError, match="continue a cache of 2 tokens that this handle did not fill"):
+            model(**batch, cache=cache)

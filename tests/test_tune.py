@@ -50,8 +50,8 @@ def test_tune_resumes_from_its_study(tmp_path):
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
     original = Pumer.suggest_config.__func__
 
-    def suggest(cls, trial, num_layers):
-        config = original(cls, trial, num_layers)
+    def suggest(cls, trial, num_layers, placement="encoder-layer"):
+        config = original(cls, trial, num_layers, placement)
         return PumerConfig(reduction_layers=(9,)) if trial.number == 0 else config  # beyond the tiny model's 2 layers
 
     monkeypatch.setattr(Pumer, "suggest_config", classmethod(suggest))
@@ -76,11 +76,14 @@ def test_every_method_has_a_search_space_that_builds_valid_configs(method):
     import optuna
 
     study = optuna.create_study()
-    for _ in range(5):
-        trial = study.ask()
-        config = METHODS.get(method).suggest_config(trial, 6)
-        assert isinstance(config, METHODS.get(method).config_class)
-        study.tell(trial, 0.0)
+    for placement in sorted(METHODS.get(method).placements):
+        for _ in range(5):
+            trial = study.ask()
+            config = METHODS.get(method).suggest_config(trial, 6, placement)
+            assert isinstance(config, METHODS.get(method).config_class)
+            if placement.startswith("decoder"):  # what the llava adapter accepts
+                assert not METHODS.get(method)(config).merges_text
+            study.tell(trial, 0.0)
 
 
 def test_tuned_grid_has_one_point_per_method_and_target(tmp_path):

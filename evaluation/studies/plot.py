@@ -3,9 +3,12 @@
 From the ``results.jsonl`` of ``pumer-plug sweep`` it writes, next to each other:
 
 - ``tradeoff.png`` and ``tradeoff.svg`` (PuMer Figure 5): accuracy (%) against throughput
-  increase (x), one line per series (method) through its points sorted by throughput, the Pareto
+  increase (x; on a generative task the prefill speed-up, as the records' ``speedup_label`` says), one line per series (method) through its points sorted by throughput, the Pareto
   front over all points (the dense model included) marked, and the dense model as the reference
   point at 1x with a dotted line at its accuracy.
+- ``tokens.png`` and ``tokens.svg`` when the points record ``image_tokens_kept`` (PuMer, FastV,
+  random, pool, DynamicViT; not ToMe, which mixes modalities): accuracy against the image tokens
+  left after the last reduction, the dense model at the task's image tokens.
 - ``table3.md`` (PuMer Table 3 layout, grid ``table3`` only; ``table.md`` for any other grid): one
   row per point label: accuracy (change in points),
   throughput increase, memory reduction, GFLOPs per example.
@@ -69,9 +72,18 @@ def _labels(record: dict[str, Any]) -> list[str]:
     return [f"{label}{suffix}" for label in (record.get("labels") or [record.get("label", "?")])]
 
 
+def speedup_label(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]]) -> str:
+    """What the records' speed-up measures (``Task.speedup_label``: "throughput increase", or
+    "prefill speed-up" for a generative task); older records without it: "throughput increase"."""
+    for record in [dense or {}, *points]:
+        if record.get("speedup_label"):
+            return str(record["speedup_label"])
+    return "throughput increase"
+
+
 def plot_tradeoff(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]], stem: Path,
                   title: str | None = None, annotate: bool | None = None) -> dict[str, Path]:
-    """Draws accuracy vs throughput increase into ``stem.png`` and ``stem.svg``."""
+    """Draws accuracy vs throughput increase (or the records' ``speedup_label``) into ``stem.png`` and ``stem.svg``."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 5.0), layout="constrained")
@@ -100,15 +112,55 @@ def plot_tradeoff(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]]
             axes.annotate(", ".join(_labels(record)), (record["throughput_increase"], 100 * record["accuracy"]),
                           textcoords="offset points", xytext=(6, 6), fontsize=7, color="0.25")
     axes.margins(x=0.12, y=0.08)  # room for point labels
-    axes.set_xlabel("throughput increase (x)")
+    label = speedup_label(dense, points)
+    axes.set_xlabel(f"{label} (x)")
     axes.set_ylabel("accuracy (%)")
-    axes.set_title(title or "Accuracy vs. throughput increase (right and top is better)")
+    axes.set_title(title or f"Accuracy vs. {label} (right and top is better)")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize=9, framealpha=0.9)
+    return _save(figure, stem)
+
+
+def _save(figure: Any, stem: Path) -> dict[str, Path]:
     paths = {"png": stem.with_suffix(".png"), "svg": stem.with_suffix(".svg")}
     figure.savefig(paths["png"], dpi=150)
     figure.savefig(paths["svg"])
     return paths
+
+
+def plot_kept_tokens(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]], stem: Path,
+                     title: str | None = None) -> dict[str, Path]:
+    """Draws accuracy vs image tokens kept (after the last reduction) into ``stem.png`` and ``stem.svg``:
+    one line per series over the points that record ``image_tokens_kept``, the dense model at its
+    ``image_tokens`` (when the task knows them) and a dotted line at its accuracy."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
+    axes = figure.add_subplot()
+    series: dict[str, list[dict[str, Any]]] = {}
+    for record in points:
+        if record.get("image_tokens_kept") is not None:
+            series.setdefault(_series(record), []).append(record)
+    for index, (name, records) in enumerate(series.items()):
+        records = sorted(records, key=lambda r: r["image_tokens_kept"])
+        axes.plot([r["image_tokens_kept"] for r in records], [100 * r["accuracy"] for r in records],
+                  marker=MARKERS[index % len(MARKERS)], color=f"C{index % 10}", label=name, linewidth=1.5, markersize=7)
+    if dense is not None:
+        axes.axhline(100 * dense["accuracy"], color="0.5", linestyle=":", linewidth=1)
+        if dense.get("image_tokens"):
+            axes.plot([dense["image_tokens"]], [100 * dense["accuracy"]], marker="*", markersize=16, color="black",
+                      linestyle="none", label=f"dense ({100 * dense['accuracy']:.1f}%)", zorder=5)
+    axes.set_xscale("log", base=2)
+    ticks = sorted({r["image_tokens_kept"] for rs in series.values() for r in rs}
+                   | ({dense["image_tokens"]} if dense is not None and dense.get("image_tokens") else set()))
+    axes.set_xticks(ticks, [str(t) for t in ticks])
+    axes.minorticks_off()
+    axes.set_xlabel("image tokens kept after the last reduction (log scale)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title or "Accuracy vs. image tokens kept (left and top is better)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="best", fontsize=9, framealpha=0.9)
+    return _save(figure, stem)
 
 
 def _accuracy_cell(record: dict[str, Any], dense: dict[str, Any] | None) -> str:
@@ -128,13 +180,17 @@ def _gflops(record: dict[str, Any]) -> str:
 
 
 def table3(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]]) -> str:
-    """PuMer Table 3 layout: one row per point label, the dense model first."""
-    headers = ["Model", "Accuracy (%)", "Throughput Increase", "Memory Reduction", "GFLOPs per example"]
-    rows = [] if dense is None else [["dense", _accuracy_cell(dense, None), "1.00x", "1.00x", _gflops(dense)]]
+    """PuMer Table 3 layout: one row per point label, the dense model first; an "Image Tokens Kept"
+    column when the points record them, the speed-up named by the records' ``speedup_label``."""
+    tokens = any(r.get("image_tokens_kept") is not None for r in points)
+    headers = ["Model", "Accuracy (%)", speedup_label(dense, points).title(), "Memory Reduction", "GFLOPs per example"]
+    headers += ["Image Tokens Kept"] if tokens else []
+    kept = lambda r: [] if not tokens else ["-" if r.get("image_tokens_kept") is None else str(r["image_tokens_kept"])]  # noqa: E731
+    rows = [] if dense is None else [["dense", _accuracy_cell(dense, None), "1.00x", "1.00x", _gflops(dense), *kept(dense)]]
     for record in points:
         for label in _labels(record):
             rows.append([label, _accuracy_cell(record, dense), _ratio(record["throughput_increase"]),
-                         _ratio(record.get("memory_reduction")), _gflops(record)])
+                         _ratio(record.get("memory_reduction")), _gflops(record), *kept(record)])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -186,6 +242,9 @@ def plot_results(results_path: str | Path, output_dir: str | Path | None = None,
     output = Path(output_dir) if output_dir is not None else results_path.parent
     output.mkdir(parents=True, exist_ok=True)
     paths = plot_tradeoff(dense, points, output / "tradeoff", title=title, annotate=annotate)
+    if any(r.get("image_tokens_kept") is not None for r in points):
+        tokens = plot_kept_tokens(dense, points, output / "tokens", title=title)
+        paths.update(tokens_png=tokens["png"], tokens_svg=tokens["svg"])
     caption = _caption(dense, points)
     grids = {r.get("sweep") for r in points}
     if grids == {"table4"}:  # the Table 4 layout needs the preset's "Choice" groups

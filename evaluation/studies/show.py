@@ -64,6 +64,7 @@ class ShowResult:
     method: str
     config: str
     layers: list[LayerView]
+    text_traced: bool = True  # False: the backbone reduces no text (decoders); the text row shows the prompt
 
 
 def example(task: Task, split: str, index: int) -> Batch:
@@ -92,13 +93,13 @@ def _saliency_map(trace: SourceTrace, layer: int, previous: int | None, layout: 
         return None
     before, discard = trace.slots(-1 if previous is None else previous, layout.image_stream, num_tokens)
     row = before[0]
-    cls_slot = int(row[layout.image_start - 1])  # the image CLS opens the image segment
+    first = int(row[layout.image_start - layout.image_prefix]) if layout.image_prefix else 0  # opens the image segment
     values = scores[0].float().sum(dim=0).cpu()  # PuMer Eq. (1): (H, V) -> (V,)
     rows, cols = layout.grid
     out = np.full(rows * cols, np.nan)
     for p, slot in enumerate(row[layout.image_start:layout.image_start + rows * cols].tolist()):
-        if slot != discard and 0 <= slot - cls_slot < values.shape[0]:
-            out[p] = float(values[slot - cls_slot])
+        if slot != discard and 0 <= slot - first < values.shape[0]:
+            out[p] = float(values[slot - first])
     return out.reshape(rows, cols)
 
 
@@ -120,7 +121,7 @@ def trace_example(model: nn.Module, task: Task, method: str, config: Any, batch:
             raise UserError(f"adapter {task.adapter!r} cannot place the image patches of this model's inputs")
     rows, cols = layout.grid
     num_tokens = layout.image_start + rows * cols + (layout.num_text if layout.text_stream != layout.image_stream else 0)
-    ids = inputs["input_ids"][0].tolist() if layout.text_stream else []
+    ids = inputs["input_ids"][0].tolist() if inputs.get("input_ids") is not None else []
     views, previous = [], None
     for layer in sorted(trace.plans):
         slots, discard = trace.slots(layer, layout.image_stream, num_tokens)
@@ -130,13 +131,20 @@ def trace_example(model: nn.Module, task: Task, method: str, config: Any, batch:
             t_slots, t_discard = trace.slots(layer, layout.text_stream, num_tokens)
             text = token_groups(t_slots[0], layout.text_start, layout.num_text, t_discard)
         views.append(LayerView(layer, groups, text, _saliency_map(trace, layer, previous, layout, num_tokens),
-                               groups.num_tokens + 1))
+                               groups.num_tokens + layout.image_prefix))
         previous = layer
-    return ShowResult(image=_image_array(trace.inputs[layout.image_input][0]), grid=layout.grid,
+    pixels = trace.inputs.get(layout.image_input)  # as the backbone saw it (SmRes: resized) ...
+    pixels = inputs[layout.image_input] if pixels is None else pixels  # ... or as given (pool encodes it first)
+    return ShowResult(image=_image_array(pixels.reshape(-1, *pixels.shape[-3:])[0]), grid=layout.grid,
                       tokens=task.token_texts(ids), dense_answer=task.answer_text(dense.outputs[0]),
                       reduced_answer=task.answer_text(reduced.outputs[0]),
                       target=task.answer_text(dense.targets[0]) if known_target else "?",
-                      method=method, config=config.describe(), layers=views)
+                      method=method, config=config.describe(), layers=views, text_traced=layout.text_stream is not None)
+
+
+def _is_special(token: str) -> bool:
+    """A special token, as tokenizers write them: ``[CLS]``, ``[PAD]`` (BERT) or ``<s>``, ``<image>`` (Llama)."""
+    return len(token) > 2 and (token[0], token[-1]) in (("[", "]"), ("<", ">"))
 
 
 def _text_line(tokens: list[str], groups: list[list[int]]) -> str:
@@ -177,9 +185,10 @@ def draw_example(result: ShowResult, stem: str | Path) -> dict[str, Path]:
     n = len(result.layers) + 1
     figure = Figure(figsize=(2.6 * n, 6.4), layout="constrained")
     axes = figure.subplots(3, n, squeeze=False, gridspec_kw={"height_ratios": [3, 3, 1.4]})
-    question = " ".join(t for t in result.tokens if not (t.startswith("[") and t.endswith("]")))
-    figure.suptitle(f"{result.method} ({result.config})\nQ: {question}   answer: {result.target}   "
-                    f"dense: {result.dense_answer}   reduced: {result.reduced_answer}", fontsize=10)
+    question = " ".join(t for t in result.tokens if not _is_special(t))
+    line = textwrap.fill(f"Q: {question}   answer: {result.target}   dense: {result.dense_answer}   "
+                         f"reduced: {result.reduced_answer}", width=max(40, 30 * n))  # within the figure
+    figure.suptitle(f"{result.method} ({result.config})\n{line}", fontsize=10)
     views: list[LayerView | None] = [None, *result.layers]
     for col, view in enumerate(views):
         ax_img, ax_sal, ax_txt = axes[0, col], axes[1, col], axes[2, col]
@@ -201,8 +210,11 @@ def draw_example(result: ShowResult, stem: str | Path) -> dict[str, Path]:
             ax_sal.axis("off")
         ax_txt.axis("off")
         all_text = [[i] for i in range(len(result.tokens))]
-        ax_txt.text(0.0, 1.0, _text_line(result.tokens, view.text if view is not None else all_text),
-                    ha="left", va="top", fontsize=7, family="monospace", transform=ax_txt.transAxes)
+        if result.text_traced:
+            line = _text_line(result.tokens, view.text if view is not None else all_text)
+        else:
+            line = textwrap.fill(question, width=34) if view is None else "text: not reduced"
+        ax_txt.text(0.0, 1.0, line, ha="left", va="top", fontsize=7, family="monospace", transform=ax_txt.transAxes)
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = {"png": stem.with_suffix(".png"), "svg": stem.with_suffix(".svg")}

@@ -32,7 +32,10 @@ reduction layers scaled by 1/2 (``floor(l / 2)``; consecutive layers stay consec
 ``figure5`` (PuMer vs ToMe vs DynamicViT at several throughputs; DynamicViT's predictors are
 untrained unless ``--finetune``), ``table3`` (PuMer without text-informed pruning, without merging,
 without distillation; the last equals PuMer unless ``--finetune``) and ``table4`` (the paper's
-Table 4 rows: ratios, number and location of reduction layers).
+Table 4 rows: ratios, number and location of reduction layers). ``decoder-budgets`` is for the
+built-in decoder VLM (``--task builtin-llava``, 144 image tokens): PuMer, FastV and random keep 72,
+36, 16 and 9 image tokens after decoder layer 0, pool keeps 36, 16 and 9 (strides 2, 3, 4) before
+the decoder. On a generative task the timed forward is the prefill (``Task.speedup_label``).
 
 Example:
     >>> grid = load_grid("table3")
@@ -44,6 +47,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -113,6 +117,31 @@ def _table4_rows() -> list[dict[str, Any]]:
             for g, l, k, r, t in rows]
 
 
+def _decoder_budget_points(image_tokens: int = 144, budgets: tuple[int, ...] = (72, 36, 16, 9)) -> list[dict[str, Any]]:
+    """The decoder methods at equal kept image tokens: PuMer, FastV and random keep ``budgets`` of
+    ``image_tokens`` after decoder layer 0 (FastV's K = 1); pool keeps the squares its strides give.
+
+    PuMer prunes to ``ceil(1.5 * keep)`` tokens and merges the rest down to ``keep`` (the task's
+    default balance), its ratios chosen so the rounded counts are exact.
+    """
+    pumer = []
+    for keep in budgets:
+        survivors = min(image_tokens, -(-3 * keep // 2))
+        pumer.append({"label": f"PuMer keep {keep}", "prune_ratio": (image_tokens - survivors) / image_tokens,
+                      "image_merge_ratio": (survivors - keep) / image_tokens})
+    side = math.isqrt(image_tokens)
+    strides: dict[int, int] = {}  # kept tokens -> the smallest stride that keeps them
+    for stride in range(2, side + 1):
+        strides.setdefault((-(-side // stride)) ** 2, stride)
+    return [
+        {"method": "pumer", "base": {"reduction_layers": [0], "text_merge_ratio": 0.0}, "configs": pumer},
+        {"method": "fastv", "configs": [{"label": f"FastV keep {k}", "layer": 1, "keep_tokens": k} for k in budgets]},
+        {"method": "random", "configs": [{"label": f"Random keep {k}", "layer": 1, "keep_tokens": k, "seed": 0}
+                                         for k in budgets]},
+        {"method": "pool", "configs": [{"label": f"Pool keep {k}", "stride": strides[k]} for k in budgets if k in strides]},
+    ]
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "figure5": {"name": "figure5", "points": [
         {"method": "pumer", "base": "builtin-digits", "configs": [
@@ -130,6 +159,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ]},
     ]},
     "table4": {"name": "table4", "points": [{"method": "pumer", "configs": _table4_rows()}]},
+    "decoder-budgets": {"name": "decoder-budgets", "points": _decoder_budget_points()},
 }
 
 
@@ -263,6 +293,7 @@ class _Reference:
     accuracy: float = 0.0
     memory: Any = None
     gflops: float = 0.0
+    image_tokens: int | None = None
 
 
 def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
@@ -277,6 +308,7 @@ def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
     ref.accuracy = task.accuracy(model, test)
     ref.memory = measure_peak_memory(model, ref.timing[0], None, device=dev)
     ref.gflops = measure_flops(model, ref.timing[0], None, device=dev)
+    ref.image_tokens = task.image_tokens(ref.timing[0])
     return ref
 
 
@@ -298,30 +330,44 @@ def _point_accuracy(ref: _Reference, point: SweepPoint, finetune_base: FinetuneC
                       "finetune_seconds": result.seconds}
 
 
+def kept_image_tokens(counts: dict[int, Any]) -> int | None:
+    """Image tokens leaving the last reduction layer (``handle.token_counts``); None when nothing was
+    reduced or a method mixed the modalities (ToMe)."""
+    if not counts or any(c.mixed for c in counts.values()):
+        return None
+    return counts[max(counts)].image
+
+
 def _measure_point(ref: _Reference, point: SweepPoint, finetune_base: FinetuneConfig | None, rounds: int,
                    output_dir: Path, progress: bool) -> dict[str, Any]:
+    handles = []
+
     def attach(model):
-        return apply(model, adapter=ref.task.adapter, config=point.config, method=point.method)
+        handles.append(apply(model, adapter=ref.task.adapter, config=point.config, method=point.method))
+        return handles[-1]
 
     accuracy, extra = _point_accuracy(ref, point, finetune_base, output_dir, progress)
     dense, variant = Variant("dense", "-", None), Variant("point", point.label, attach)
     throughput = measure_throughput(ref.model, ref.timing, [dense, variant], rounds=rounds, warmup=1, device=ref.device)
     memory = measure_peak_memory(ref.model, ref.timing[0], attach, device=ref.device)
     gflops = measure_flops(ref.model, ref.timing[0], attach, device=ref.device)
+    kept = kept_image_tokens(handles[-1].token_counts)  # of the FLOPs forward; the counts outlive remove()
     row = compare_rows([dense, variant], environment=ref.environment, accuracy={"dense": ref.accuracy, "point": accuracy},
                        throughput=throughput, memory={"dense": ref.memory, "point": memory},
                        gflops={"dense": ref.gflops, "point": gflops})[1]
     for key in ("method", "config"):  # compare_rows' variant name and label; the record has its own
         row.pop(key)
     return {**row, **extra, "dense_accuracy": ref.accuracy, "dense_throughput_per_s": throughput["dense"].throughput_per_s,
-            "flops_ratio": gflops / ref.gflops if ref.gflops else None}
+            "flops_ratio": gflops / ref.gflops if ref.gflops else None, "image_tokens_kept": kept,
+            "image_tokens": ref.image_tokens}
 
 
 def _dense_record(ref: _Reference, rounds: int) -> dict[str, Any]:
     dense = Variant("dense", "-", None)
     throughput = measure_throughput(ref.model, ref.timing, [dense], rounds=rounds, warmup=1, device=ref.device)
-    return compare_rows([dense], environment=ref.environment, accuracy={"dense": ref.accuracy}, throughput=throughput,
-                        memory={"dense": ref.memory}, gflops={"dense": ref.gflops})[0]
+    row = compare_rows([dense], environment=ref.environment, accuracy={"dense": ref.accuracy}, throughput=throughput,
+                       memory={"dense": ref.memory}, gflops={"dense": ref.gflops})[0]
+    return {**row, "image_tokens": ref.image_tokens, "image_tokens_kept": ref.image_tokens}
 
 
 def _check_settings(records: list[dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
@@ -353,7 +399,8 @@ def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path
     if not todo:
         return []
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    common = {"sweep": name, "run_id": run_id, "mode": "finetune" if finetune_base else "plug", "rounds": rounds, **settings}
+    common = {"sweep": name, "run_id": run_id, "mode": "finetune" if finetune_base else "plug", "rounds": rounds,
+              "speedup_label": task.speedup_label, **settings}
     ref = _reference(task, batch_size, timing_batches, device, [p for p, _ in todo])
     written = [{**_dense_record(ref, rounds), **common, "key": "dense", "status": "ok", "label": "dense",
                 "labels": ["dense"], "series": "dense", "group": None, "config": None}]

@@ -2,8 +2,10 @@
 
 Optuna searches the method's knobs (``ReductionMethod.suggest_config``: PuMer's reduction layers
 and ratios, ToMe's r and schedule, DynamicViT's layers and keep ratio, SmRes' scale) on a subset of
-the **val** split. A trial is cheap: its FLOPs speed-up over the dense model (one val batch,
-``FlopCounterMode``) is the fast proxy of the target; a trial below ``target * flops_margin`` is
+the **val** split, in the method's search space at the place where it acts on the task's backbone
+(``placement``: PuMer merges no text between decoder layers). A trial is cheap: its FLOPs speed-up
+over the dense model (one forward of a val batch, ``FlopCounterMode``; on a generative task that
+forward is the prefill, so the gate is on prefill FLOPs) is the fast proxy of the target; a trial below ``target * flops_margin`` is
 pruned before any accuracy is computed. The val accuracy of the others is accumulated over
 ``rungs`` chunks of the subset and reported after each, so Optuna's successive-halving pruner stops
 unpromising trials early. A trial that fails is recorded (state FAIL, its error in the user
@@ -13,7 +15,7 @@ folder, so re-running resumes it: ``--budget`` counts every trial the study has 
 With ``--measure throughput`` the best trials are then confirmed by throughput measured
 interleaved with the dense model (val batches, warm-up dropped, median of rounds); the most
 accurate one that reaches the target wins. The chosen config is evaluated once on the **test**
-split exactly as ``pumer-plug compare`` does and written as ``<method>-tuned.json``, a file
+split exactly as ``pumer-plug compare`` does (a generative task's decoder rows) and written as ``<method>-tuned.json``, a file
 ``compare --config`` accepts.
 
 Example:
@@ -37,6 +39,7 @@ from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
 from pumer_plug.evaluation.tasks.base import Predictions, Task, attach_method, load_config, on_device
 from pumer_plug.evaluation.training.finetune_config import config_to_dict
 from pumer_plug.method import ReductionMethod
+from pumer_plug.placement import placement
 from pumer_plug.registry import ADAPTERS, METHODS
 
 MEASURES = ("flops", "throughput")
@@ -103,8 +106,9 @@ class _Objective:
     """One trial: draw a config, prune it on FLOPs, then score val accuracy rung by rung."""
 
     def __init__(self, task: Task, model: torch.nn.Module, method: str, num_layers: int, val: list,
-                 dense_gflops: float, gate: float, rungs: int):
+                 dense_gflops: float, gate: float, rungs: int, placement: str = "encoder-layer"):
         self.task, self.model, self.method, self.num_layers = task, model, method, num_layers
+        self.placement = placement
         self.val, self.dense_gflops, self.gate = val, dense_gflops, gate
         self.chunks = [val[i::rungs] for i in range(min(rungs, len(val)))]
 
@@ -119,7 +123,7 @@ class _Objective:
             raise
 
     def _run(self, trial: Any, optuna: Any) -> float:
-        config = METHODS.get(self.method).suggest_config(trial, self.num_layers)
+        config = METHODS.get(self.method).suggest_config(trial, self.num_layers, self.placement)
         trial.set_user_attr("config", config_to_dict(config))
         attach = lambda model: attach_method(model, self.task.adapter, self.method, config)  # noqa: E731
         speedup = self.dense_gflops / measure_flops(self.model, self.val[0][0], attach)
@@ -192,16 +196,17 @@ def run_tune(task: Task, method: str, target_speedup: float, *, measure: str = "
     output = Path(output_dir)
     dev = torch.device(device)
     model = task.load_model(dev).eval()
-    num_layers = ADAPTERS.get(task.adapter)(model).num_layers
+    adapter = ADAPTERS.get(task.adapter)(model)
+    where = placement(adapter, method_cls)  # the method's search space there (PuMer: no text merging on decoders)
     val = list(on_device(task.batches("val", batch_size, num_val_examples), dev, torch.float32))
-    dense_gflops = measure_flops(model, val[0][0])
+    dense_gflops = measure_flops(model, val[0][0])  # one forward: on a generative task, the prefill
     dense_val = task.accuracy(model, val)
     gate = target_speedup * (flops_margin if flops_margin is not None else (1.1 if measure == "throughput" else 1.0))
     study = open_study(output, f"{task.name}-{method}-x{target_speedup:g}-{measure}-n{num_val_examples}", seed)
     finished = [t for t in study.trials if t.state.is_finished()]
     remaining = max(0, budget - len(finished))
     if remaining:
-        objective = _Objective(task, model, method, num_layers, val, dense_gflops, gate, rungs)
+        objective = _Objective(task, model, method, adapter.num_layers, val, dense_gflops, gate, rungs, where)
         study.optimize(objective, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
     found = candidates(study, method)
     chosen = found[0] if found else None
@@ -220,9 +225,22 @@ def run_tune(task: Task, method: str, target_speedup: float, *, measure: str = "
     result.config_path.write_text(json.dumps(config_to_dict(chosen.config), indent=2) + "\n")
     if evaluate_test:
         del model
-        result.rows = run_compare(task, [MethodSpec(method, chosen.config)], batch_size=batch_size, device=device,
-                                  rounds=rounds, timing_batches=timing_batches, progress=progress)
+        result.rows = compare_on_test(task, [MethodSpec(method, chosen.config)], batch_size=batch_size, device=device,
+                                      rounds=rounds, timing_batches=timing_batches, progress=progress)
     return result
+
+
+def compare_on_test(task: Task, specs: Sequence[MethodSpec], **options: Any) -> list[dict[str, Any]]:
+    """``pumer-plug compare``'s rows for ``specs`` on ``task``'s test split: for a generative task
+    (``Task.generates``) its decoder rows (time to first token, decode tokens/s, KV cache; CPU float32)."""
+    if not task.generates:
+        return run_compare(task, specs, **options)
+    from pumer_plug.evaluation.studies.decoder_compare import run_decoder_compare
+
+    if torch.device(options.get("device", "cpu")).type != "cpu":
+        raise UserError(f"task {task.name!r} is compared on the CPU in float32 (got --device {options['device']})")
+    return run_decoder_compare(task, specs, batch_size=options.get("batch_size", 32), rounds=options.get("rounds", 5),
+                               progress=options.get("progress", True))
 
 
 def _write_summary(output: Path, result: TuneResult) -> None:

@@ -163,6 +163,9 @@ class Task:
     accepted_options: ClassVar[frozenset[str]] = frozenset()
     #: whether ``compare`` always writes predictions (official result files), not only with --save-predictions
     writes_predictions: ClassVar[bool] = False
+    #: how ``sweep``/``plot`` name the speed-up of the timed forward: one whole forward, or for a
+    #: generative task its prefill (the prompt with the vision tower, no decode step)
+    speedup_label: ClassVar[str] = "throughput increase"
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         self.options = options or TaskOptions()
@@ -227,6 +230,11 @@ class Task:
     def reference_accuracies(self, split: str = "test") -> dict[str, float]:
         """Scores of trivial predictors on ``split`` to print beside the results (default: none)."""
         return {}
+
+    def image_tokens(self, inputs: dict[str, torch.Tensor]) -> int | None:
+        """Image tokens the dense model computes on for the first example of ``inputs`` (``sweep``
+        and ``plot``: accuracy vs kept image tokens); default None (not known)."""
+        return None
 
     def token_texts(self, input_ids: Sequence[int]) -> list[str]:
         """The text of every input token id (``pumer-plug show``); default: the ids themselves."""

@@ -17,7 +17,7 @@ from pumer_plug.registry import TASKS
 
 from . import builtin_llava
 from .base import Batch, Predictions, Reiterable, Task, TaskOptions
-from .builtin_llava_data import collate_llava
+from .builtin_llava_data import IMAGE, collate_llava
 from .digits import SPLITS, DigitsVQA, majority_answer_accuracy, question_prior_accuracy
 
 #: image tokens kept of 144 by every method in ``compare`` (pool's 2 x 2 grid gives the same 36),
@@ -35,6 +35,7 @@ class BuiltinLlavaTask(Task):
     name = "builtin-llava-digits-vqa"
     adapter = "llava"
     generates = True
+    speedup_label = "prefill speed-up"
     accepted_options = frozenset({"cache_dir", "retrain", "num_test_examples"})
     default_configs = {
         "pumer": {"reduction_layers": [0], "prune_ratio": (144 - 1.5 * KEEP_TOKENS) / 144,
@@ -93,6 +94,14 @@ class BuiltinLlavaTask(Task):
             result.outputs += builtin_llava.generate_answers(model, self.tokenizer, inputs)
             result.targets += [self.tokenizer.id_to_token(int(t)) for t in targets]
         return result
+
+    def image_tokens(self, inputs: dict[str, torch.Tensor]) -> int:
+        """The ``<image>`` tokens of the first prompt (144 on the task's canvas)."""
+        return int((inputs["input_ids"][0] == self.tokenizer.token_to_id(IMAGE)).sum())
+
+    def token_texts(self, input_ids: Sequence[int]) -> list[str]:
+        """The word of every token id (``pumer-plug show``); specials as written, e.g. ``<image>``."""
+        return [self.tokenizer.id_to_token(int(i)) or str(i) for i in input_ids]
 
     def reference_accuracies(self, split: str = "test") -> dict[str, float]:
         """Always the most frequent train answer, and the best answer per question (question-only prior)."""

@@ -98,7 +98,8 @@ class SourceTrace:
         plans: layer -> stream name -> plan from the forward's input tokens to the tokens leaving the layer.
         saliency: layer -> stream name -> (B, H, V) text-saliency scores per head the layer's reducer
             saw over the stream's image segment (PuMer Eq. 1), for methods that compute them.
-        inputs: the model's keyword arguments of the last forward (after any method's input hook).
+        inputs: the model's keyword arguments of the last forward that reduced tokens (after any
+            method's input hook).
     """
 
     plans: dict[int, dict[str, ReductionPlan]] = field(default_factory=dict)
@@ -128,14 +129,25 @@ class SourceTrace:
 def trace_sources(handle: Any) -> SourceTrace:
     """Starts recording the composed plans of every forward of ``handle``'s model.
 
+    A forward is what the adapter counts as one (``handle.start_forward()``): the trace restarts at
+    the first reduction after it, so the decode steps of a decoder's generation, which continue
+    the prefill's forward and reduce nothing, leave the prefill's plans and inputs in place.
     Outputs are unchanged (only indices are kept); ``handle.remove()`` stops the recording.
     """
     trace = SourceTrace()
     signature = inspect.signature(handle.model.forward)
 
+    pending: dict[str, Any] = {"inputs": {}, "forward": None}
+
     def start(module: Any, args: tuple, kwargs: dict) -> None:
-        trace.reset(signature.bind_partial(*args, **kwargs).arguments)  # inputs by name, positional ones too
+        pending["inputs"] = signature.bind_partial(*args, **kwargs).arguments  # by name, positional ones too
+
+    def observe(layer: int, stream: str, plan: ReductionPlan | None, saliency: torch.Tensor | None) -> None:
+        if handle.state is not pending["forward"]:  # the first reduction since handle.start_forward()
+            pending["forward"] = handle.state
+            trace.reset(pending["inputs"])
+        trace.observe(layer, stream, plan, saliency)
 
     handle.add_forward_pre_hook(handle.model, start, with_kwargs=True)
-    handle.plan_observers.append(trace.observe)
+    handle.plan_observers.append(observe)
     return trace

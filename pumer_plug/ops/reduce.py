@@ -208,8 +208,9 @@ def _rank_descending(values: torch.Tensor) -> torch.Tensor:
     Shapes:
         values (B, N) -> (B, N) int64
     """
-    order = values.argsort(dim=-1, descending=True, stable=True)
-    return order.argsort(dim=-1)
+    order = values.argsort(dim=-1, descending=True, stable=True)  # (B, N)
+    ranks = torch.arange(values.shape[-1], device=values.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)  # the inverse permutation, without a second sort
 
 
 def _gather_positions(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

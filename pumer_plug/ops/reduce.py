@@ -175,8 +175,9 @@ def _best_edges(keys: torch.Tensor, is_a: torch.Tensor, is_b: torch.Tensor, num_
     k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     k_a, k_b = gather_rows(k, pos_a), gather_rows(k, pos_b)  # (B, N_a, C), (B, N_b, C)
     scores = k_a @ k_b.transpose(1, 2)  # (B, N_a, N_b)
-    scores = scores.masked_fill(~(ok_a[:, :, None] & ok_b[:, None, :]), -math.inf)
+    scores.masked_fill_(~ok_b[:, None, :], -math.inf)  # no edge into a padding slot of B (broadcast, in place)
     node_max, node_idx = scores.max(dim=-1)  # (B, N_a)
+    node_max.masked_fill_(~ok_a, -math.inf)  # padding slots of A rank last
     r_t = counts_on_device(num_merged, keys.device).unsqueeze(1)  # (B, 1)
     merged_a = (_rank_descending(node_max) < r_t) & ok_a  # (B, N_a)
     return merged_a, pos_a, pos_b, node_idx

@@ -73,10 +73,9 @@ from pumer_plug.models.meter_layers import (
     CrossLayer,
     CrossSelfOutput,
 )
-from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
-@ADAPTERS.register("meter")
+# ADAPTERS entry "meter" (declared in pumer_plug/catalog.py)
 class MeterAdapter(CoAttentionAdapter):
     """Attaches a reduction method to a METER model (reduction layers = co-attention blocks).
 

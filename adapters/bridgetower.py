@@ -109,6 +109,7 @@ class BridgeTowerAdapter(CoAttentionAdapter):
                 f"got {type(model).__name__}"
             )
         self.model, self.bt = model, bt
+        self.patch_size = int(bt.config.vision_config.patch_size)
         self.num_layers = len(bt.cross_modal_text_layers)
         self.hidden_size = int(bt.config.hidden_size)
         self.layers: dict[str, list[nn.Module]] = {}

@@ -96,6 +96,7 @@ class MeterAdapter(CoAttentionAdapter):
                 f"meter adapter: expected a pumer_plug.models.meter.MeterModel, got {type(model).__name__}"
             )
         self.model = model
+        self.patch_size = int(model.config.patch_size)
         self.num_layers = len(model.cross_modal_text_layers)
         self.hidden_size = int(model.config.hidden_size)
         if len(model.cross_modal_image_layers) != self.num_layers:

@@ -73,7 +73,6 @@ from pumer_plug.adapters.base import (AdapterError, get_submodule, real_lengths,
 from pumer_plug.adapters.coattention import STREAMS, CoAttentionAdapter
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
 def find_bridgetower(model: nn.Module) -> BridgeTowerModel | None:
@@ -83,7 +82,7 @@ def find_bridgetower(model: nn.Module) -> BridgeTowerModel | None:
     return inner if isinstance(inner, BridgeTowerModel) else None
 
 
-@ADAPTERS.register("bridgetower")
+# ADAPTERS entry "bridgetower" (declared in pumer_plug/catalog.py)
 class BridgeTowerAdapter(CoAttentionAdapter):
     """Attaches a reduction method to a transformers BridgeTower model (reduction layers = cross pairs).
 
@@ -110,6 +109,7 @@ class BridgeTowerAdapter(CoAttentionAdapter):
                 f"got {type(model).__name__}"
             )
         self.model, self.bt = model, bt
+        self.patch_size = int(bt.config.vision_config.patch_size)
         self.num_layers = len(bt.cross_modal_text_layers)
         self.hidden_size = int(bt.config.hidden_size)
         self.layers: dict[str, list[nn.Module]] = {}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pumer_plug.adapters.base import Adapter, keys_catcher, residual_rewriter
+from pumer_plug.adapters.base import Adapter, TokenLayout, keys_catcher, residual_rewriter
 from pumer_plug.method import HIDDEN, KEYS, TEXT_SALIENCY
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.stream import TokenStream
@@ -47,16 +47,28 @@ class BlockState:
 class CoAttentionAdapter(Adapter):
     """Base of the two-stream adapters; reduction layers are co-attention blocks.
 
-    Subclasses set ``name``, ``compose_plans`` (keep the
+    Subclasses set ``name``, ``patch_size`` (of the CLIP vision tower), ``compose_plans`` (keep the
     composed plans of both streams, e.g. for BridgeTower's link towers), ``token_level_head`` (the
     text stream must not be reduced) and ``mismatch_hint`` (the end of the error a length mismatch
     raises), and register the hooks below.
     """
 
+    patch_size: int
+
     capabilities = frozenset({KEYS, TEXT_SALIENCY, HIDDEN})
     compose_plans = False
     token_level_head = False
     mismatch_hint = "the co-attention blocks must run in order on the model's outputs"
+
+    def token_layout(self, inputs: Any) -> TokenLayout | None:
+        """``handle.streams["image"]`` is ``[image CLS | patches]`` (the CLIP vision tower's tokens, patches in
+        raster order) and ``handle.streams["text"]`` the padded text ``[text (T)]``. None for two images per
+        example (METER NLVR2's (B, 2, 3, H, W) pixels, run as one 2B batch)."""
+        pixels, ids = inputs.get("pixel_values"), inputs.get("input_ids")
+        if pixels is None or ids is None or pixels.dim() != 4:
+            return None
+        p = self.patch_size
+        return TokenLayout("image", 1, (pixels.shape[-2] // p, pixels.shape[-1] // p), "text", 0, ids.shape[1])
 
     def new_forward_state(self) -> BlockState:
         return BlockState()

@@ -40,7 +40,6 @@ from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.method import KEYS, TEXT_SALIENCY
 from pumer_plug.ops.reduce import text_saliency_per_head
 from pumer_plug.placement import placement
-from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
 STREAM = "llava"
@@ -82,7 +81,7 @@ def find_llava(model: nn.Module) -> LlavaModel | None:
     return inner if isinstance(model, LlavaForConditionalGeneration) and isinstance(inner, LlavaModel) else None
 
 
-@ADAPTERS.register("llava")
+# ADAPTERS entry "llava" (declared in pumer_plug/catalog.py)
 class LlavaAdapter(Adapter):
     """Attaches a reduction method to a transformers LLaVA model (one image per sample).
 

@@ -73,10 +73,9 @@ from pumer_plug.models.meter_layers import (
     CrossLayer,
     CrossSelfOutput,
 )
-from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
-@ADAPTERS.register("meter")
+# ADAPTERS entry "meter" (declared in pumer_plug/catalog.py)
 class MeterAdapter(CoAttentionAdapter):
     """Attaches a reduction method to a METER model (reduction layers = co-attention blocks).
 
@@ -97,6 +96,7 @@ class MeterAdapter(CoAttentionAdapter):
                 f"meter adapter: expected a pumer_plug.models.meter.MeterModel, got {type(model).__name__}"
             )
         self.model = model
+        self.patch_size = int(model.config.patch_size)
         self.num_layers = len(model.cross_modal_text_layers)
         self.hidden_size = int(model.config.hidden_size)
         if len(model.cross_modal_image_layers) != self.num_layers:

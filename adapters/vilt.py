@@ -27,7 +27,6 @@ from pumer_plug.adapters.base import (Adapter, AdapterError, TokenLayout, get_su
                                       saliency_catcher, stream_bias)
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS, TEXT_SALIENCY
 from pumer_plug.ops.plan import gather_rows
-from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, TEXT, Segment, TokenStream
 
 STREAM = "vilt"
@@ -40,7 +39,7 @@ def find_vilt(model: nn.Module) -> ViltModel | None:
     return inner if isinstance(inner, ViltModel) else None
 
 
-@ADAPTERS.register("vilt")
+# ADAPTERS entry "vilt" (declared in pumer_plug/catalog.py)
 class ViltAdapter(Adapter):
     """Attaches a reduction method to a transformers ViLT model.
 

@@ -39,7 +39,6 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 from pumer_plug.adapters.base import Adapter, AdapterError, TokenLayout, get_submodule, keys_catcher, same_lengths, stream_bias
 from pumer_plug.method import HIDDEN, IMAGE_SIZE, KEYS
-from pumer_plug.registry import ADAPTERS
 from pumer_plug.stream import IMAGE, Segment, TokenStream
 
 STREAM = "vit"
@@ -158,7 +157,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # -- timm ------------------------------------------------------------------------------------
-@ADAPTERS.register("timm-vit")
+# ADAPTERS entry "timm-vit" (declared in pumer_plug/catalog.py)
 class TimmVitAdapter(_VitAdapter):
     """Attaches a reduction method to a timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled, ...).
 
@@ -236,7 +235,7 @@ def find_open_clip_visual(model: nn.Module) -> OpenClipVisionTransformer | None:
     return visual if isinstance(visual, OpenClipVisionTransformer) else None
 
 
-@ADAPTERS.register("open-clip-vit")
+# ADAPTERS entry "open-clip-vit" (declared in pumer_plug/catalog.py)
 class OpenClipVitAdapter(_VitAdapter):
     """Attaches a reduction method to open_clip's ``VisionTransformer`` (or a CLIP model's ``.visual``).
 

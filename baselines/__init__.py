@@ -1,7 +1,6 @@
-"""Baseline token-reduction methods behind the same ``apply()`` interface."""
-from pumer_plug.baselines import tome  # noqa: F401
-from pumer_plug.baselines import dynamicvit  # noqa: F401
-from pumer_plug.baselines import smres  # noqa: F401
-from pumer_plug.baselines import fastv  # noqa: F401
-from pumer_plug.baselines import random_prune  # noqa: F401
-from pumer_plug.baselines import pool  # noqa: F401
+"""Baseline token-reduction methods behind the same ``apply()`` interface.
+
+One method per file (``tome.py``, ...), its config class in a torch-free companion
+(``tome_config.py``, ...) so that ``pumer-plug list`` reads configs and presets without torch. The
+methods are declared in :mod:`pumer_plug.catalog` and imported on first use (``METHODS.get(name)``).
+"""

@@ -8,68 +8,13 @@ prefill only; decode steps attend to the reduced KV cache ("static" pruning, Fas
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from pumer_plug.config import MethodConfig
-from pumer_plug.errors import UserError
+from pumer_plug.baselines.keep_config import KEEP_BUDGETS, FastVConfig, KeepConfig  # noqa: F401 (re-exported)
 from pumer_plug.method import TEXT_SALIENCY, ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
-from pumer_plug.ops.reduce import combine_heads, drop_padding, prune_by_score, prune_count
-from pumer_plug.registry import METHODS
+from pumer_plug.ops.reduce import combine_heads, drop_padding, prune_by_score
 from pumer_plug.stream import IMAGE, TokenStream
-
-#: the budgets decoder-VLM papers report, image tokens kept of LLaVA-1.5's 576
-KEEP_BUDGETS = (192, 128, 64)
-
-
-@dataclass(frozen=True)
-class KeepConfig(MethodConfig):
-    """Where a keep-top-k method prunes image tokens and how many it keeps.
-
-    Attributes:
-        layer: K, the first decoder layer that runs on the kept tokens (>= 1); the scores come
-            from layer K - 1.
-        prune_ratio: R, the fraction of a sample's image tokens pruned, in [0, 1).
-        keep_tokens: image tokens kept per sample; overrides ``prune_ratio`` when set (>= 1).
-
-    Raises:
-        UserError: a field of the wrong type or range; the message names the field.
-    """
-
-    layer: int = 2
-    prune_ratio: float = 0.5
-    keep_tokens: int | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.register_preset("default", "FastV Sec. 4: K = 2, R = 50%")
-        for n in KEEP_BUDGETS:
-            cls.register_preset(f"keep{n}", f"keep {n} of LLaVA-1.5's 576 image tokens", keep_tokens=n)
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise UserError(f"{name}.layer must be an int >= 1 (K, the first layer on the kept tokens), got {self.layer!r}")
-        self._ratios("prune_ratio")
-        k = self.keep_tokens
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise UserError(f"{name}.keep_tokens must be None or an int >= 1, got {k!r}")
-
-    @property
-    def is_identity(self) -> bool:
-        return self.keep_tokens is None and self.prune_ratio == 0
-
-    def summary(self) -> str:
-        budget = f"keep={self.keep_tokens}" if self.keep_tokens is not None else f"R={self.prune_ratio:g}"
-        return f"K={self.layer} {budget}"
-
-    def num_pruned(self, num_image: int) -> int:
-        """Image tokens pruned from a sample with ``num_image`` of them."""
-        if self.keep_tokens is not None:
-            return num_image - self.keep_tokens
-        return prune_count(num_image, self.prune_ratio, 0)
-
 
 class KeepTopK(ReductionMethod):
     """Base of the keep-top-k decoder methods: one reduction between layers K - 1 and K.
@@ -119,14 +64,7 @@ class KeepTopK(ReductionMethod):
         return stream.reduce_segments(plans)
 
 
-@dataclass(frozen=True)
-class FastVConfig(KeepConfig):
-    """FastV: K = 2, R = 50% by default (FastV Sec. 4). See :class:`KeepConfig`."""
-
-    LABEL: ClassVar[str] = "FastV"
-
-
-@METHODS.register("fastv")
+# METHODS entry "fastv" (declared in pumer_plug/catalog.py)
 class FastV(KeepTopK):
     """Keeps the image tokens the last prompt token attends to most (FastV Sec. 4).
 

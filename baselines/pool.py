@@ -8,50 +8,15 @@ in row-major order (CLIP patches without CLS, as LLaVA-1.5 feeds them).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from pumer_plug.baselines.pool_config import PoolConfig
 from pumer_plug.method import ReductionMethod
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import drop_padding
-from pumer_plug.config import MethodConfig
-from pumer_plug.errors import UserError
-from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TokenStream
-
-
-@dataclass(frozen=True)
-class PoolConfig(MethodConfig):
-    """Average pooling of the image-token grid.
-
-    Attributes:
-        stride: side of the pooling window and its stride (1 is the identity; a partial window
-            at the grid's edge averages the tokens it covers).
-
-    Raises:
-        UserError: a stride that is not an int >= 1.
-    """
-
-    stride: int = 2
-
-    LABEL: ClassVar[str] = "Pool"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise UserError(f"PoolConfig.stride must be an int >= 1, got {self.stride!r}")
-
-    @property
-    def is_identity(self) -> bool:
-        return self.stride == 1
-
-    def summary(self) -> str:
-        return f"stride={self.stride}"
-
-
-PoolConfig.register_preset("keep144", "2 x 2 pooling of LLaVA-1.5's 24 x 24 grid (576 -> 144)", stride=2)
-PoolConfig.register_preset("keep64", "3 x 3 pooling of the 24 x 24 grid (576 -> 64)", stride=3)
 
 
 def pool_plan(batch: int, side: int, stride: int, device: torch.device) -> ReductionPlan:
@@ -68,7 +33,7 @@ def pool_plan(batch: int, side: int, stride: int, device: torch.device) -> Reduc
     return ReductionPlan(dest=dest, num_out=out_side * out_side, removed=(removed,) * batch)
 
 
-@METHODS.register("pool")
+# METHODS entry "pool" (declared in pumer_plug/catalog.py)
 class Pool(ReductionMethod):
     """Average-pools the image grid before the decoder (one reduction, reported at layer 0)."""
 

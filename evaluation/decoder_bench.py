@@ -34,7 +34,6 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import pumer_plug
 from pumer_plug import PumerConfig
-from pumer_plug.registry import BENCH_MODELS
 
 IMAGE_TOKEN = 32000
 NUM_IMAGE = 576
@@ -236,7 +235,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@BENCH_MODELS.register("llava-cpu")
+# BENCH_MODELS entry "llava-cpu" (declared in pumer_plug/catalog.py)
 def llava_cpu(batch_size: int = 1, **sizes: Any) -> Any:
     """LLaVA-1.5's geometry on a CPU (576 image tokens, 32 decoder layers, C = 256; random init):
     time to first token, decode tokens/s, KV-cache MiB and prefill FLOPs of dense and ``--method``

@@ -1,8 +1,8 @@
 """pumer-plug: plug-in token reduction for vision-language transformers.
 
 The public names below are imported on first use (PEP 562), so ``import pumer_plug`` and the
-``pumer-plug`` command line start without torch; the registries import the built-in adapters and
-methods on their first lookup (:mod:`pumer_plug.registry`).
+``pumer-plug`` command line start without torch; the built-in adapters and methods are declared
+in :mod:`pumer_plug.catalog` and each is imported on its first ``get`` (:mod:`pumer_plug.registry`).
 
 Example:
     >>> import pumer_plug
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 from pumer_plug.registry import ADAPTERS, METHODS
 
 if TYPE_CHECKING:
-    from pumer_plug.baselines.dynamicvit import DynamicViTConfig
-    from pumer_plug.baselines.fastv import FastVConfig
-    from pumer_plug.baselines.pool import PoolConfig
-    from pumer_plug.baselines.random_prune import RandomConfig
-    from pumer_plug.baselines.smres import SmResConfig
-    from pumer_plug.baselines.tome import TomeConfig
+    from pumer_plug.baselines.dynamicvit_config import DynamicViTConfig
+    from pumer_plug.baselines.keep_config import FastVConfig
+    from pumer_plug.baselines.pool_config import PoolConfig
+    from pumer_plug.baselines.keep_config import RandomConfig
+    from pumer_plug.baselines.smres_config import SmResConfig
+    from pumer_plug.baselines.tome_config import TomeConfig
     from pumer_plug.config import MethodConfig, PumerConfig
     from pumer_plug.handle import ReductionHandle, apply, compile, detect_adapter, make_method
     from pumer_plug.method import ReductionMethod
@@ -35,9 +35,9 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it; add a new export here (and to __all__).
 _EXPORTS = {
     "MethodConfig": "pumer_plug.config", "PumerConfig": "pumer_plug.config",
-    "TomeConfig": "pumer_plug.baselines.tome", "DynamicViTConfig": "pumer_plug.baselines.dynamicvit",
-    "SmResConfig": "pumer_plug.baselines.smres", "FastVConfig": "pumer_plug.baselines.fastv",
-    "RandomConfig": "pumer_plug.baselines.random_prune", "PoolConfig": "pumer_plug.baselines.pool",
+    "TomeConfig": "pumer_plug.baselines.tome_config", "DynamicViTConfig": "pumer_plug.baselines.dynamicvit_config",
+    "SmResConfig": "pumer_plug.baselines.smres_config", "FastVConfig": "pumer_plug.baselines.keep_config",
+    "RandomConfig": "pumer_plug.baselines.keep_config", "PoolConfig": "pumer_plug.baselines.pool_config",
     "ReductionHandle": "pumer_plug.handle", "apply": "pumer_plug.handle", "compile": "pumer_plug.handle",
     "detect_adapter": "pumer_plug.handle", "make_method": "pumer_plug.handle",
     "ForwardState": "pumer_plug.state", "TokenCount": "pumer_plug.state",

@@ -219,9 +219,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from pumer_plug.registry import ADAPTERS, BENCH_MODELS, METHODS, TASKS
 
+    # Names, summaries and config classes of the built-in entries come from their declarations in
+    # pumer_plug.catalog: listing imports no method, adapter, task or bench module (and no torch).
     print("methods (config fields with defaults; presets):")
-    for name, method in METHODS.items():
-        config_cls = method.config_class
+    for name in METHODS.list():
+        config_cls = METHODS.attribute(name, "config_class")
         print(f"  {name}: {config_cls.__name__}")
         print(_wrapped("fields: " + ", ".join(_field_text(f) for f in dataclasses.fields(config_cls)), "    "))
         for preset in config_cls.list_presets():
@@ -232,8 +234,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                             ("tasks (compare/sweep/finetune --task NAME):", TASKS),
                             ("bench model setups (bench --model NAME):", BENCH_MODELS)):
         print(title)
-        for name, entry in registry.items():
-            print(_wrapped(f"{name:16s} {_summary(entry)}", "  ", " " * 19))
+        for name in registry.list():
+            print(_wrapped(f"{name:16s} {registry.summary(name)}", "  ", " " * 19))
     return 0
 
 
@@ -243,14 +245,6 @@ def _wrapped(text: str, indent: str, subsequent: str | None = None) -> str:
 
     return textwrap.fill(text, 120, initial_indent=indent, subsequent_indent=subsequent or indent + "  ",
                          break_on_hyphens=False)
-
-
-def _summary(obj: Any) -> str:
-    """The first paragraph of a docstring on one line, without reStructuredText's double backticks."""
-    import inspect
-
-    paragraph = inspect.cleandoc(obj.__doc__ or "").split("\n\n")[0]
-    return " ".join(paragraph.split()).replace("``", "")
 
 
 def _finetune_config(args: argparse.Namespace, **fields: Any) -> Any:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pumer_plug.errors import UserError
-from pumer_plug.ops.reduce import SALIENCY_HEADS, merge_count, prune_count
+from pumer_plug.ops import SALIENCY_HEADS
+from pumer_plug.ops.counts import merge_count, prune_count
 from pumer_plug.registry import METHODS
 
 

@@ -6,11 +6,10 @@ from pumer_plug.method import KEYS, TEXT_SALIENCY, ReductionMethod, suggest_laye
 from pumer_plug.ops.counts import add_counts, cap_merges, merge_count, prune_count
 from pumer_plug.ops.plan import ReductionPlan
 from pumer_plug.ops.reduce import bipartite_soft_matching, combine_heads, drop_padding, prune_by_score
-from pumer_plug.registry import METHODS
 from pumer_plug.stream import IMAGE, TEXT, SegmentView, TokenStream
 
 
-@METHODS.register("pumer")
+# METHODS entry "pumer" (declared in pumer_plug/catalog.py)
 class Pumer(ReductionMethod):
     """Token reducer of PuMer Alg. 1, applied per segment of each stream.
 

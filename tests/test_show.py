@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import pumer_plug
-from pumer_plug.evaluation.studies.show import run_show, trace_example
+from pumer_plug.evaluation.studies.show import draw_example, run_show, trace_example
+from pumer_plug.evaluation.tasks import Predictions, Task
 from pumer_plug.ops.sources import patch_groups, token_groups, trace_sources
 from tests.backbones import BACKBONES, METHOD_CONFIGS
 from tests.test_finetune import TinyTask
@@ -30,7 +31,8 @@ def traced(backbone: str, method: str):
     return model, handle, trace, out
 
 
-@pytest.mark.parametrize("backbone, method", [("vilt", m) for m in METHODS] + [("timm-vit", "tome"), ("timm-vit", "dynamicvit")])
+@pytest.mark.parametrize("backbone, method", [(b, m) for b in ("vilt", "meter", "bridgetower") for m in METHODS]
+                         + [("timm-vit", "tome"), ("timm-vit", "dynamicvit")])
 def test_every_patch_is_kept_merged_or_pruned_exactly_once_and_counts_match(backbone, method):
     model, handle, trace, _ = traced(backbone, method)
     layout = handle.adapter.token_layout(trace.inputs)
@@ -39,6 +41,8 @@ def test_every_patch_is_kept_merged_or_pruned_exactly_once_and_counts_match(back
     num_tokens = layout.image_start + num_patches
     counts = handle.token_counts
     assert sorted(trace.plans) == sorted(counts) and counts
+    dests = [plans[layout.image_stream].dest for plans in trace.plans.values() if layout.image_stream in plans]
+    assert all(d.shape[1] == num_tokens for d in dests if d is not None)  # the layout spans the whole stream
     shrank = False
     for layer, count in counts.items():
         slots, discard = trace.slots(layer, layout.image_stream, num_tokens)
@@ -137,3 +141,50 @@ def test_show_draws_a_new_image_and_question(tmp_path):
         run_show(TinyTask(), "pumer", TinyTask().default_config("pumer"), image=path, question="q", output_dir=tmp_path)
     with pytest.raises(UserError, match="go together"):
         run_show(TinyTask(), "pumer", TinyTask().default_config("pumer"), image=path, output_dir=tmp_path)
+
+
+class CoAttentionTask(Task):
+    """One example of a tiny random-init METER or BridgeTower model, answers read as argmax ids."""
+
+    def __init__(self, backbone: str) -> None:
+        super().__init__()
+        self.backbone, self.spec, self.adapter = backbone, BACKBONES[backbone], BACKBONES[backbone].adapter
+
+    def load_model(self, device):
+        return self.spec.build().to(device)
+
+    def batches(self, split, batch_size, num_examples=None):
+        return [(one_row(self.backbone), torch.zeros(1, dtype=torch.long))]
+
+    def predictions(self, model, batches):
+        result = Predictions()
+        with torch.inference_mode():
+            for inputs, targets in batches:
+                result.outputs += self.spec.logits(model(**inputs)).argmax(dim=-1).tolist()
+                result.targets += targets.tolist()
+        return result
+
+
+@pytest.mark.parametrize("backbone", ["meter", "bridgetower"])
+@pytest.mark.parametrize("method", ["pumer", "tome"])
+def test_show_draws_two_stream_models_with_the_handles_counts(tmp_path, backbone, method):
+    task = CoAttentionTask(backbone)
+    model = task.load_model(torch.device("cpu"))
+    config = METHOD_CONFIGS[method][0](task.spec.num_layers, task.spec.modalities)
+    batch = task.batches("test", 1)[0]
+    result = trace_example(model, task, method, config, batch)
+    with pumer_plug.apply(model, adapter=backbone, method=method, config=config) as handle:
+        model(**batch[0])
+        counts = handle.token_counts
+    assert [v.layer for v in result.layers] == sorted(counts) and result.grid == (4, 4)
+    for view in result.layers:
+        if not counts[view.layer].mixed:
+            assert view.image_tokens == counts[view.layer].image
+        groups = view.patches
+        assert sorted(groups.kept + [p for g in groups.merged for p in g] + groups.pruned) == list(range(16))
+    assert result.layers[-1].patches.num_tokens < 16
+    if method == "pumer":
+        assert sum(len(g) for g in result.layers[-1].text) == batch[0]["input_ids"].shape[1] and all(
+            v.saliency is not None for v in result.layers)
+    paths = draw_example(result, tmp_path / "show")
+    assert paths["png"].stat().st_size > 0

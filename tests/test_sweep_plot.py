@@ -210,3 +210,27 @@ def test_the_documented_example_grid_loads():
     grid = load_grid(str(Path(__file__).resolve().parents[1] / "docs" / "grids" / "example.yaml"))
     assert grid.name == "example" and len(grid.points) == 8
     assert {p.method for p in grid.points} == {"pumer", "dynamicvit", "smres"}
+
+
+def test_point_labels_stay_inside_the_axes_at_the_extremes():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from pumer_plug.evaluation.studies.plot import tradeoff_figure
+
+    long = "PuMer layers=0,1,2,3,4,5 k=0.2 r=0.5 t=0.2 prop-attn"
+    points = [_record("fast", "pumer", long, 0.31, 3.9),          # rightmost and lowest
+              _record("best", "tome", "ToMe r=16 inflection=-1 layers=0,1,2,3", 0.99, 3.8),  # top right
+              _record("slow", "smres", "SmRes scale=0.95 multiple_of=32", 0.97, 1.02),     # top left
+              _record("mid", "dynamicvit", "DynamicViT layers=1,2,3 rho=0.7", 0.60, 2.0)]
+    figure = tradeoff_figure(_record("dense", "dense", "dense", 0.98, 1.0), points, annotate=True)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    axes = figure.axes[0]
+    inside_figure, inside_axes = figure.bbox, axes.get_window_extent(renderer)
+    annotations = [child for child in axes.get_children() if type(child).__name__ == "Annotation"]
+    assert len(annotations) == len(points)
+    for annotation in annotations:
+        box = annotation.get_window_extent(renderer)
+        for frame in (inside_figure, inside_axes):
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, \
+                (annotation.get_text(), box, frame)

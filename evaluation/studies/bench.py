@@ -21,7 +21,6 @@ from pumer_plug.evaluation.measure import (DTYPES, Variant, environment_record, 
 from pumer_plug.evaluation.measure.variants import counting_attaches
 from pumer_plug.evaluation.studies.report import throughput_increase
 from pumer_plug.handle import apply
-from pumer_plug.registry import BENCH_MODELS
 
 
 @dataclass
@@ -64,7 +63,7 @@ def _six_layer_configs() -> dict[str, Any]:
     return {"dynamicvit": DynamicViTConfig(reduction_layers=(1, 3, 4), keep_ratio=0.7)}
 
 
-@BENCH_MODELS.register("vilt-b32")
+# BENCH_MODELS entry "vilt-b32" (declared in pumer_plug/catalog.py)
 def vilt_b32(batch_size: int = 8, text_len: int = 40, image_hw: tuple[int, int] = (384, 640)) -> BenchSetup:
     """ViLT-B/32 from the default ``ViltConfig``; PuMer at layers 2,4,6,8, k=0.1, r=0.3, t=0.2."""
     from transformers import ViltConfig, ViltForQuestionAnswering
@@ -180,7 +179,7 @@ def _random_batch(batch_size: int, text_len: int, image_size: int) -> dict[str, 
     }
 
 
-@BENCH_MODELS.register("meter-base")
+# BENCH_MODELS entry "meter-base" (declared in pumer_plug/catalog.py)
 def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384, attn_implementation: str = "sdpa") -> BenchSetup:
     """METER-CLIP16-RoBERTa base from the default ``MeterConfig`` (VQA head); PuMer preset ``meter-vqa``
     (co-attention blocks 0-3, k = r = t = 0.2). The paper's figure for this setting is 92 -> 64.7
@@ -200,13 +199,13 @@ def meter_base(batch_size: int = 4, text_len: int = 40, image_size: int = 384, a
                       attention=model.config.attn_implementation, method_configs=_six_layer_configs())
 
 
-@BENCH_MODELS.register("meter-base-eager")
+# BENCH_MODELS entry "meter-base-eager" (declared in pumer_plug/catalog.py)
 def meter_base_eager(batch_size: int = 4, text_len: int = 40, image_size: int = 384) -> BenchSetup:
     """``meter-base`` with the eager co-attention (probabilities computed; METER's original code path)."""
     return meter_base(batch_size, text_len, image_size, attn_implementation="eager")
 
 
-@BENCH_MODELS.register("bridgetower-base")
+# BENCH_MODELS entry "bridgetower-base" (declared in pumer_plug/catalog.py)
 def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     """``BridgeTowerModel`` from the default ``BridgeTowerConfig`` (random init) at its image size;
     PuMer with the METER VQAv2 ratios on cross-modal layers 0-3 (k = r = t = 0.2)."""
@@ -222,5 +221,3 @@ def bridgetower_base(batch_size: int = 4, text_len: int = 40) -> BenchSetup:
     desc = f"BridgeTower base (default BridgeTowerConfig), batch {batch_size}, {text_len} text tokens, {size}x{size} images"
     return BenchSetup(model, batch, "bridgetower", PumerConfig.preset("meter-vqa"), desc, _six_layer_configs())
 
-
-from pumer_plug.evaluation import decoder_bench  # noqa: E402,F401  (registers "llava-cpu")

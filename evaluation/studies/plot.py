@@ -32,6 +32,8 @@ from pumer_plug.errors import UserError
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 ANNOTATE_AT_MOST = 12
+#: point labels wrap at this many characters (a label runs at most this far towards the middle)
+LABEL_WIDTH = 32
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -84,6 +86,13 @@ def speedup_label(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]]
 def plot_tradeoff(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]], stem: Path,
                   title: str | None = None, annotate: bool | None = None) -> dict[str, Path]:
     """Draws accuracy vs throughput increase (or the records' ``speedup_label``) into ``stem.png`` and ``stem.svg``."""
+    return _save(tradeoff_figure(dense, points, title=title, annotate=annotate), stem)
+
+
+def tradeoff_figure(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]], title: str | None = None,
+                    annotate: bool | None = None) -> Any:
+    """The accuracy vs throughput increase (or ``speedup_label``) figure (a matplotlib ``Figure``),
+    point labels inside the axes."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 5.0), layout="constrained")
@@ -107,18 +116,16 @@ def plot_tradeoff(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]]
               solid_capstyle="round", label="Pareto front")
     axes.plot([x for x, _ in front], [y for _, y in front], marker="o", markersize=13, markerfacecolor="none",
               markeredgecolor="0.3", linestyle="none", zorder=4)
-    if annotate if annotate is not None else len(points) <= ANNOTATE_AT_MOST:
-        for record in points:
-            axes.annotate(", ".join(_labels(record)), (record["throughput_increase"], 100 * record["accuracy"]),
-                          textcoords="offset points", xytext=(6, 6), fontsize=7, color="0.25")
     axes.margins(x=0.12, y=0.08)  # room for point labels
+    if annotate if annotate is not None else len(points) <= ANNOTATE_AT_MOST:
+        _annotate_inward(axes, points, xy)
     label = speedup_label(dense, points)
     axes.set_xlabel(f"{label} (x)")
     axes.set_ylabel("accuracy (%)")
     axes.set_title(title or f"Accuracy vs. {label} (right and top is better)")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize=9, framealpha=0.9)
-    return _save(figure, stem)
+    return figure
 
 
 def _save(figure: Any, stem: Path) -> dict[str, Path]:
@@ -126,6 +133,21 @@ def _save(figure: Any, stem: Path) -> dict[str, Path]:
     figure.savefig(paths["png"], dpi=150)
     figure.savefig(paths["svg"])
     return paths
+
+
+def _annotate_inward(axes: Any, points: Sequence[dict[str, Any]], xy: Sequence[tuple[float, float]]) -> None:
+    """Labels every point with its text running towards the middle of the plot, so that a label
+    at the right or top edge stays inside the axes (long labels wrap at ``LABEL_WIDTH`` columns)."""
+    import textwrap
+
+    xs, ys = [x for x, _ in xy], [y for _, y in xy]
+    x_mid, y_top = (min(xs) + max(xs)) / 2, min(ys) + 0.8 * (max(ys) - min(ys))
+    for record in points:
+        x, y = record["throughput_increase"], 100 * record["accuracy"]
+        left, below = x > x_mid, y > y_top and max(ys) > min(ys)
+        text = textwrap.fill(", ".join(_labels(record)), LABEL_WIDTH)
+        axes.annotate(text, (x, y), textcoords="offset points", xytext=(-6 if left else 6, -6 if below else 6),
+                      ha="right" if left else "left", va="top" if below else "bottom", fontsize=7, color="0.25")
 
 
 def plot_kept_tokens(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]], stem: Path,

@@ -1,17 +1,12 @@
 """Evaluation tasks: the :class:`Task` interface and the registered tasks (``TASKS``).
 
-Importing this package registers the built-in tasks. Build one with :func:`get_task`.
+The built-in tasks are declared in :mod:`pumer_plug.catalog` and imported on first use. Build one
+with :func:`get_task`.
 """
 from __future__ import annotations
 
 from pumer_plug.registry import TASKS
 
-from . import builtin_llava_task as _builtin_llava_task  # noqa: F401  (registers "builtin-llava")
-from . import builtin_task as _builtin_task  # noqa: F401  (registers "builtin")
-from . import vqav2_task as _vqav2_task  # noqa: F401  (registers "vqav2")
-from . import classification_tasks as _classification_tasks  # noqa: F401  (registers "nlvr2", "snli-ve")
-from . import retrieval_task as _retrieval_task  # noqa: F401  (registers "flickr30k")
-from . import custom_task as _custom_task  # noqa: F401  (registers "custom")
 from .base import (Batch, Predictions, Reiterable, Task, TaskOptions, attach_method, check_methods_fit,
                    classification_accuracy, load_config, on_device)
 

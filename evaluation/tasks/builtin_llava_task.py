@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from pumer_plug.errors import UserError
-from pumer_plug.registry import TASKS
 
 from . import builtin_llava
 from .base import Batch, Predictions, Reiterable, Task, TaskOptions
@@ -25,7 +24,7 @@ from .digits import SPLITS, DigitsVQA, majority_answer_accuracy, question_prior_
 KEEP_TOKENS = 36
 
 
-@TASKS.register("builtin-llava")
+# TASKS entry "builtin-llava" (declared in pumer_plug/catalog.py)
 class BuiltinLlavaTask(Task):
     """VQA over real handwritten digits with the built-in LLaVA (trained on first use, then cached).
 

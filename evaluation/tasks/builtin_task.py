@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from pumer_plug.errors import UserError
-from pumer_plug.registry import TASKS
 
 from . import builtin
 from .base import Batch, Reiterable, Task, TaskOptions
@@ -38,7 +37,7 @@ class DatasetBatches(Sequence):
         return self.dataset.collate(self.order[index * self.batch_size:(index + 1) * self.batch_size].tolist())
 
 
-@TASKS.register("builtin")
+# TASKS entry "builtin" (declared in pumer_plug/catalog.py)
 class BuiltinDigitsTask(Task):
     """VQA over real handwritten digits with the built-in ViLT (shipped in the package; retrained if stale).
 

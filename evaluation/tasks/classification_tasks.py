@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch.nn as nn
 
 from pumer_plug.errors import UserError
-from pumer_plug.registry import TASKS
 
 from .arrow_tables import read_nlvr2_arrow, read_snli_ve_arrow
 from .base import Predictions
@@ -68,7 +67,7 @@ class LabelTask(DataTask):
         return write_label_predictions(outputs, method, self.name, part.split, rows)
 
 
-@TASKS.register("nlvr2")
+# TASKS entry "nlvr2" (declared in pumer_plug/catalog.py)
 class Nlvr2Task(LabelTask):
     """NLVR2 on the user's two-image model; options as ``vqav2`` (default split ``dev``)."""
 
@@ -97,7 +96,7 @@ class Nlvr2Task(LabelTask):
         return example.label
 
 
-@TASKS.register("snli-ve")
+# TASKS entry "snli-ve" (declared in pumer_plug/catalog.py)
 class SnliVeTask(LabelTask):
     """SNLI-VE on the user's 3-way classifier; options as ``vqav2`` (default split ``test``)."""
 

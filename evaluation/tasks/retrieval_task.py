@@ -17,7 +17,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from pumer_plug.errors import UserError
-from pumer_plug.registry import TASKS
 
 from .arrow_tables import read_f30k_arrow
 from .base import Predictions
@@ -29,7 +28,7 @@ from .subset import seeded_subset
 from .vl_tasks import DataTask, ExampleDataset, Part
 
 
-@TASKS.register("flickr30k")
+# TASKS entry "flickr30k" (declared in pumer_plug/catalog.py)
 class Flickr30kRetrievalTask(DataTask):
     """Flickr30k retrieval on the user's ITM model (``ViltForImageAndTextRetrieval``); default split ``test``."""
 

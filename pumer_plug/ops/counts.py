@@ -11,9 +11,10 @@ so no host-to-device copy is made while a forward runs.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device tensor is built, so that configs can count without it
+    import torch
 
 
 class RowCounts(tuple):
@@ -33,6 +34,8 @@ class RowCounts(tuple):
 def counts_on_device(counts: Sequence[int], device: torch.device) -> torch.Tensor:
     """The counts as a (B,) int64 device tensor: free for :class:`RowCounts`; a host-to-device
     copy (a sync) for plain sequences, the path of hand-built inputs and the ops' loop tests."""
+    import torch
+
     if isinstance(counts, RowCounts) and counts.tensor.device == torch.device(device):
         return counts.tensor
     return torch.tensor(tuple(counts), dtype=torch.int64, device=device)
@@ -40,6 +43,8 @@ def counts_on_device(counts: Sequence[int], device: torch.device) -> torch.Tenso
 
 def row_counts(counts: Sequence[int], device: torch.device) -> RowCounts:
     """``counts`` as :class:`RowCounts` on ``device`` (a copy only when they are plain host ints)."""
+    import torch
+
     if isinstance(counts, RowCounts) and counts.tensor.device == torch.device(device):
         return counts
     return RowCounts(counts, counts_on_device(counts, device))
@@ -80,7 +85,7 @@ def prune_count(num_tokens, prune_ratio: float, num_protected: int):
     """
     if isinstance(num_tokens, RowCounts):
         n = num_tokens.tensor
-        device = torch.minimum((n.double() * prune_ratio).round().long(), n - num_protected).clamp_min(0)
+        device = (n.double() * prune_ratio).round().long().minimum(n - num_protected).clamp_min(0)
         return RowCounts((prune_count(m, prune_ratio, num_protected) for m in num_tokens), device)
     return max(0, min(round(prune_ratio * num_tokens), num_tokens - num_protected))
 
@@ -94,7 +99,7 @@ def merge_count(num_tokens, merge_ratio: float, num_protected: int):
     """
     if isinstance(num_tokens, RowCounts):
         n = num_tokens.tensor
-        device = torch.minimum((n.double() * merge_ratio).round().long(), (n - num_protected).div(2, rounding_mode="floor"))
+        device = (n.double() * merge_ratio).round().long().minimum((n - num_protected).div(2, rounding_mode="floor"))
         return RowCounts((merge_count(m, merge_ratio, num_protected) for m in num_tokens), device.clamp_min(0))
     return max(0, min(round(merge_ratio * num_tokens), (num_tokens - num_protected) // 2))
 
@@ -107,7 +112,7 @@ def cap_merges(merged, lengths: Sequence[int], num_protected: int) -> tuple[int,
         return host
     half = (lengths.tensor - num_protected).div(2, rounding_mode="floor")
     if isinstance(merged, RowCounts):
-        return RowCounts(host, torch.minimum(merged.tensor, half).clamp_min(0))
+        return RowCounts(host, merged.tensor.minimum(half).clamp_min(0))
     if isinstance(merged, (tuple, list)):
         return host
     return RowCounts(host, half.clamp(0, merged))
@@ -125,5 +130,5 @@ def min_counts(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
     """Per-row minimum."""
     host = tuple(min(x, y) for x, y in zip(a, b))
     if isinstance(a, RowCounts) and isinstance(b, RowCounts):
-        return RowCounts(host, torch.minimum(a.tensor, b.tensor))
+        return RowCounts(host, a.tensor.minimum(b.tensor))
     return host

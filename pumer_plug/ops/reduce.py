@@ -14,11 +14,9 @@ from typing import Sequence
 
 import torch
 
+from pumer_plug.ops import SALIENCY_HEADS
 from pumer_plug.ops.counts import add_counts, counts_on_device, merge_count, prune_count  # noqa: F401 (re-exported)
 from pumer_plug.ops.plan import ReductionPlan, compact_plan, gather_rows
-
-
-SALIENCY_HEADS = ("sum", "first")
 
 
 def text_saliency_per_head(attn: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

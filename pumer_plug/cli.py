@@ -69,7 +69,8 @@ def _task_options(args: argparse.Namespace, **fields: Any) -> Any:
 
     return TaskOptions(model=args.model, data_dir=args.data_dir, split=args.split, limit=args.limit, workers=args.workers,
                        skip_bad_images=args.skip_bad_images, trust_remote_code=args.trust_remote_code,
-                       overwrite=args.overwrite, **fields)
+                       overwrite=args.overwrite, rerank_top_k=args.rerank_top_k,
+                       first_stage_scores=args.first_stage_scores, **fields)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -83,6 +83,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-images", action="store_true", help="skip and count corrupt images instead of stopping")
     g.add_argument("--trust-remote-code", action="store_true", help="let the model directory's own code run (off by default)")
     g.add_argument("--overwrite", action="store_true", help="replace prediction files this run did not create")
+    g.add_argument("--rerank-top-k", type=_positive_int, default=None,
+                   help="flickr30k: score only the top K candidates of every query under --first-stage-scores "
+                        "(quick runs; marked as not comparable to the paper; K >= 10)")
+    g.add_argument("--first-stage-scores", default=None,
+                   help="flickr30k: a flickr30k_<split>_scores.json (e.g. the dense model's, from an earlier full-gallery "
+                        "run with the same --split/--limit) ranking the candidates for --rerank-top-k")
 
 
 def _compare_parser(sub: Any, run: Command) -> None:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from pumer_plug.cli import main
 from tests import fixtures_benchmarks as fx
@@ -378,3 +379,73 @@ def test_compare_flickr30k_on_bridgetower(tmp_path, capsys):
     for row in rows:
         assert len(json.loads((output / row["method"] / "flickr30k_test_scores.json").read_text())) == 18
         assert 0 <= row["accuracy"] <= 1
+
+
+def test_rerank_candidates_are_each_querys_top_k():
+    from pumer_plug.evaluation.tasks.retrieval_task import rerank_candidates
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(12, 24, generator=g)
+    assert len(rerank_candidates(first, 24)) == 12 * 24  # K >= the gallery: every pair
+    pairs = set(rerank_candidates(first, 10))
+    for i in range(12):
+        assert {(i, int(t)) for t in first[i].topk(10).indices} <= pairs
+    for t in range(24):
+        assert {(int(i), t) for i in first[:, t].topk(10).indices} <= pairs
+    assert len(pairs) < 12 * 24
+    # re-ranking the first stage's own top 10 by the same scores keeps recall@1/5/10 exactly
+    from pumer_plug.evaluation.tasks.retrieval_metric import retrieval_recall
+
+    kept = torch.full_like(first, -torch.inf)
+    for i, t in pairs:
+        kept[i, t] = first[i, t]
+    owner = [t // 2 for t in range(24)]
+    assert retrieval_recall(kept, owner).as_dict() == retrieval_recall(first, owner).as_dict()
+
+
+def test_flickr30k_rerank_scores_only_the_candidates_and_marks_the_result(tmp_path, capsys):
+    """The model scores exactly the first stage's candidates (fewer than the full gallery), the printed
+    recall is the one of the written scores with the other pairs ranked last, and the output says so."""
+    from pumer_plug.evaluation.tasks.retrieval_task import rerank_candidates
+    from pumer_plug.evaluation.tasks.retrieval_metric import retrieval_recall
+
+    model = save_tiny_vilt(tmp_path / "vilt-itm", "ViltForImageAndTextRetrieval", ("match",))
+    data = fx.write_flickr30k(tmp_path / "f30k", {"test": 12}, captions_per_image=2)
+    base = ["compare", "--task", "flickr30k", "--data-dir", str(data), "--model", str(model), "--methods", "dense",
+            "--batch-size", "16", "--rounds", "1", "--timing-batches", "1"]
+    code, _, err = run_cli([*base, "--output", str(tmp_path / "full")], capsys)
+    assert code == 0, err
+    first_stage = tmp_path / "full" / "dense" / "flickr30k_test_scores.json"
+    full = json.loads((tmp_path / "full" / "results.jsonl").read_text().splitlines()[0])
+    code, out, err = run_cli([*base, "--output", str(tmp_path / "rr"), "--rerank-top-k", "10",
+                              "--first-stage-scores", str(first_stage)], capsys)
+    assert code == 0, err
+    row = json.loads((tmp_path / "rr" / "results.jsonl").read_text().splitlines()[0])
+    scored = json.loads((tmp_path / "rr" / "dense" / "flickr30k_test_scores.json").read_text())
+    assert len(scored) < 12 * 24
+    first_rows = json.loads(first_stage.read_text())
+    order = {image: i for i, image in enumerate(dict.fromkeys(r["image"] for r in first_rows))}  # gallery order
+    assert len(order) == 12 and full["metrics"]["tr_r1"] is not None
+    first = torch.empty(12, 24)
+    for r in first_rows:
+        first[order[r["image"]], r["caption_index"]] = r["score"]
+    assert {(order[r["image"]], r["caption_index"]) for r in scored} == set(rerank_candidates(first, 10))
+    matrix = torch.full((12, 24), -torch.inf)
+    for r in scored:
+        matrix[order[r["image"]], r["caption_index"]] = r["score"]
+    expected = retrieval_recall(matrix, [t // 2 for t in range(24)]).as_dict()  # captions grouped by image, two each
+    for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
+        assert row["metrics"][key] == pytest.approx(expected[key])
+    assert "NOT comparable to the paper" in out
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--rerank-top-k", "10"], ["--rerank-top-k", "--first-stage-scores"]),
+    (["--rerank-top-k", "5", "--first-stage-scores", "x.json"], ["at least 10"]),
+])
+def test_rerank_options_are_checked_in_one_line(tmp_path, capsys, extra, words):
+    model = save_tiny_vilt(tmp_path / "vilt-itm", "ViltForImageAndTextRetrieval", ("match",))
+    data = fx.write_flickr30k(tmp_path / "f30k", {"test": 3}, captions_per_image=2)
+    code, _, err = run_cli(["compare", "--task", "flickr30k", "--data-dir", str(data), "--model", str(model),
+                            "--methods", "dense", "--output", str(tmp_path / "o"), *extra], capsys)
+    _one_line_error(code, err, *words)

@@ -52,7 +52,9 @@ class TaskOptions:
         workers: DataLoader worker processes for decoding and preprocessing (``--workers``).
         skip_bad_images: skip and count corrupt images instead of failing (``--skip-bad-images``).
         trust_remote_code: allow a model directory's own code to run (``--trust-remote-code``).
-        rerank_top_k: retrieval only: re-rank the top k of a cheap first stage (not comparable to the paper).
+        rerank_top_k: retrieval only: score only each query's top k candidates of a first stage
+            (``first_stage_scores``) with the model (quick runs; not comparable to the paper).
+        first_stage_scores: retrieval only: the first stage's score file for ``rerank_top_k``.
         overwrite: replace prediction files this run did not create (``--overwrite``).
     """
 
@@ -67,6 +69,7 @@ class TaskOptions:
     skip_bad_images: bool = False
     trust_remote_code: bool = False
     rerank_top_k: int | None = None
+    first_stage_scores: str | None = None
     overwrite: bool = False
 
 

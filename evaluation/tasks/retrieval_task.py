@@ -7,6 +7,13 @@ so a full pass is I x T forward passes. ``--limit N`` takes a seeded subset of N
 captions (stated in the output; recall on a smaller gallery is higher, not comparable to the paper).
 Headline metric: text retrieval recall@1 (``tr_r1``, image -> caption, PuMer Table 1 "TR"); image
 retrieval (``ir_r1``, caption -> image, "IR") and recall@5/10 are in the results' notes.
+
+Quick runs (``--rerank-top-k K --first-stage-scores FILE``): a first stage ranks the gallery (FILE is a
+``flickr30k_<split>_scores.json`` this task wrote, e.g. the dense model's full-gallery run with the same
+``--split``/``--limit``, or the same rows from any other scorer such as CLIP), and the model scores only
+the union of every image's top K captions and every caption's top K images; the pairs left out rank
+last. Every method re-ranks the same candidates, so methods compare on equal terms, but the recall is
+bounded by the first stage's and is marked as not comparable to the paper.
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pumer_plug.errors import UserError
+
+from .retrieval_metric import DEFAULT_KS
 
 from .arrow_tables import read_f30k_arrow
 from .base import Predictions
@@ -39,12 +48,19 @@ class Flickr30kRetrievalTask(DataTask):
     unit = "images"
     default_split = "test"
     default_configs: dict[str, Any] = {}  # no ViLT retrieval preset: each method's default
-    accepted_options = DataTask.accepted_options | {"rerank_top_k"}
+    accepted_options = DataTask.accepted_options | {"rerank_top_k", "first_stage_scores"}
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
-        if self.options.rerank_top_k is not None:
-            raise UserError("--rerank-top-k is not implemented yet: flickr30k ranks the full gallery (as the paper)")
+        k, first_stage = self.options.rerank_top_k, self.options.first_stage_scores
+        if (k is None) != (first_stage is None):
+            raise UserError("--rerank-top-k and --first-stage-scores go together: the first stage's scores rank the "
+                            "candidates the model re-ranks")
+        if k is not None and k < max(DEFAULT_KS):
+            raise UserError(f"--rerank-top-k must be at least {max(DEFAULT_KS)} (recall@{max(DEFAULT_KS)} needs that many "
+                            f"scored candidates per query), got {k}")
+        if first_stage is not None and not Path(first_stage).is_file():
+            raise UserError(f"--first-stage-scores {first_stage}: no such file")
         self._galleries: dict[int, RetrievalSplit] = {}
 
     def gallery(self, split: str) -> RetrievalSplit:
@@ -59,7 +75,10 @@ class Flickr30kRetrievalTask(DataTask):
         limit = None if limit is not None and split != "test" and limit >= len(full.images) else limit
         subset = seeded_subset(len(full.images), limit, unit="images")
         gallery = full.subset(subset.indices)
-        pairs = [(i, t) for i in range(len(gallery.images)) for t in range(len(gallery.texts))]  # image-major
+        if split == "test" and self.options.rerank_top_k is not None:
+            pairs = rerank_candidates(self._first_stage(gallery, data_split), self.options.rerank_top_k)
+        else:
+            pairs = [(i, t) for i in range(len(gallery.images)) for t in range(len(gallery.texts))]  # image-major
         offset = self._parts[-1].offset + len(self._parts[-1].examples) if self._parts else 0
         self._parts.append(Part(data_split, pairs, subset, offset))
         self._galleries[offset] = gallery
@@ -77,14 +96,45 @@ class Flickr30kRetrievalTask(DataTask):
             raise DataError(f"retrieval needs every image-caption pair scored; {len(part.examples) - len(outputs)} "
                             "pairs had a corrupt image (remove it from the split instead of --skip-bad-images)")
         gallery = self._galleries[part.offset]
-        scores = torch.empty(len(gallery.images), len(gallery.texts))  # (I, T)
+        scores = torch.full((len(gallery.images), len(gallery.texts)), -torch.inf)  # (I, T); pairs not scored rank last
         for position, score in outputs.items():
             i, t = part.examples[position]
             scores[i, t] = score
         result = retrieval_recall(scores, gallery.text_image).as_dict()
+        size = f"{len(gallery.images)} images x {len(gallery.texts)} captions"
+        reranked = self.options.rerank_top_k is not None and part.split == self._data_split("test")
         self.notes.update(recall={k: round(v, 6) for k, v in result.items()},
-                          gallery=f"full gallery of {len(gallery.images)} images x {len(gallery.texts)} captions")
+                          gallery=(f"re-ranked: the model scored {len(part.examples)} of the gallery's {size} pairs, the top "
+                                   f"{self.options.rerank_top_k} per query of {self.options.first_stage_scores}; NOT comparable "
+                                   "to the paper (full gallery)") if reranked else f"full gallery of {size}")
         return result
+
+    def _first_stage(self, gallery: RetrievalSplit, split: str) -> torch.Tensor:
+        """The first stage's (I, T) scores of ``gallery`` from ``--first-stage-scores``.
+
+        Raises:
+            UserError: the file is not a list of {"image", "caption_index", "score"} rows, or it does not
+                score every image-caption pair of this gallery (another split or ``--limit``).
+        """
+        import json
+
+        path = self.options.first_stage_scores
+        try:
+            rows = json.loads(Path(path).read_text())
+            entries = {(str(r["image"]), int(r["caption_index"])): float(r["score"]) for r in rows}
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise UserError(f"--first-stage-scores {path}: expected the JSON list of {{\"image\", \"caption_index\", "
+                            f"\"score\"}} rows that flickr30k writes ({type(err).__name__}: {err})") from None
+        scores = torch.empty(len(gallery.images), len(gallery.texts))  # (I, T)
+        for i, image in enumerate(gallery.image_ids):
+            for t in range(len(gallery.texts)):
+                score = entries.get((str(image), t))
+                if score is None:
+                    raise UserError(f"--first-stage-scores {path} has no score for image {image}, caption {t} of the "
+                                    f"{split} gallery ({len(gallery.images)} images x {len(gallery.texts)} captions); "
+                                    "write it with the same --split and --limit")
+                scores[i, t] = score
+        return scores
 
     def write_official(self, outputs: RunOutputs, method: str, part: Part, predictions: Predictions) -> Path:
         import json
@@ -94,3 +144,17 @@ class Flickr30kRetrievalTask(DataTask):
                  "caption_index": part.examples[gid - part.offset][1], "score": score}
                 for gid, score in zip(predictions.targets, predictions.outputs)]
         return outputs.write_text(method, f"flickr30k_{part.split}_scores.json", json.dumps(rows))
+
+
+def rerank_candidates(first_stage: torch.Tensor, top_k: int) -> list[tuple[int, int]]:
+    """The (image, caption) pairs a re-ranking pass scores: each image's top ``top_k`` captions and each
+    caption's top ``top_k`` images under the first stage, without repeats, image-major.
+
+    Shapes:
+        first_stage (I, T) -> at most I * T pairs
+    """
+    num_images, num_texts = first_stage.shape
+    chosen = torch.zeros(num_images, num_texts, dtype=torch.bool)  # (I, T)
+    chosen.scatter_(1, first_stage.topk(min(top_k, num_texts), dim=1).indices, True)  # image -> its top captions
+    chosen.scatter_(0, first_stage.topk(min(top_k, num_images), dim=0).indices, True)  # caption -> its top images
+    return [(int(i), int(t)) for i, t in chosen.nonzero().tolist()]

@@ -129,6 +129,23 @@ def test_finetune_vqav2_lowers_the_training_loss(tmp_path, vqa_model, capsys):
     assert history[-1]["train_task"] < history[0]["train_task"]
 
 
+def test_finetune_vqav2_raises_val_accuracy(tmp_path, vqa_model, capsys):
+    """The fixture's answers follow from the question (six questions, each with its own majority
+    answer), so finetuning the random-init model with PuMer attached must lift val accuracy above
+    its plug-and-play start."""
+    data = fx.write_vqav2(tmp_path / "vqav2", "train", num_questions=24)
+    fx.write_vqav2(data, "val", num_questions=12)
+    output = tmp_path / "ft"
+    code, out, err = run_cli(["finetune", "--task", "vqav2", "--data-dir", str(data), "--model", str(vqa_model),
+                              "--method", "pumer", "--config", str(method_configs(tmp_path)[1].split("=", 1)[1]),
+                              "--epochs", "10", "--patience", "10", "--train-batch-size", "8", "--num-train-examples", "24",
+                              "--num-val-examples", "12", "--lr", "3e-3", "--no-distill", "--output", str(output)], capsys)
+    assert code == 0, err
+    summary = json.loads((output / "finetune.json").read_text())
+    assert summary["initial_val_accuracy"] is not None
+    assert summary["best_val_accuracy"] >= summary["initial_val_accuracy"] + 0.2, summary
+
+
 def _compare_args(data: Path, model: Path, output: Path, *extra: str) -> list[str]:
     return ["compare", "--task", "vqav2", "--data-dir", str(data), "--model", str(model), "--methods", "dense",
             "--batch-size", "4", "--rounds", "1", "--timing-batches", "1", "--output", str(output), *extra]

@@ -75,7 +75,7 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("your model and data (tasks vqav2, nlvr2, snli-ve, flickr30k, custom; see docs/reproduce.md)")
-    g.add_argument("--model", default=None, help="HF model directory (model + processor) or an id in the local HF cache")
+    g.add_argument("--model", default=None, help="HF model directory (model + processor), an id in the local HF cache, or a METER model folder / .ckpt (docs/reproduce.md)")
     g.add_argument("--data-dir", default=None, help="folder holding the task's data in its official layout or ViLT's arrow tables")
     g.add_argument("--split", default=None, help="data split to evaluate (default: the task's, e.g. val for vqav2)")
     g.add_argument("--limit", type=_positive_int, default=None, help="evaluate a seeded subset of N examples (stated in the output)")

@@ -80,6 +80,7 @@ class Nlvr2Task(LabelTask):
     val_split = "dev"
     labels = NLVR2_LABELS
     default_configs = {"pumer": "vilt-nlvr2"}
+    meter_preset = "meter-nlvr2"
 
     def read_split(self, split: str):
         if (self.data_dir / f"nlvr2_{split}.arrow").is_file():
@@ -108,6 +109,7 @@ class SnliVeTask(LabelTask):
     val_split = "dev"
     labels = SNLI_VE_LABELS
     default_configs = {"pumer": "vilt-ve"}
+    meter_preset = "meter-ve"
 
     def read_split(self, split: str):
         for name in (f"snli_{split}.arrow", f"snli_ve_{split}.arrow"):

@@ -30,6 +30,7 @@ class CustomTask(DataTask):
     adapter = "vilt"
     unit = "examples"
     default_configs: dict[str, Any] = {}
+    meter_preset = None
 
     def __new__(cls, options: TaskOptions | None = None):
         if cls is not CustomTask:

@@ -48,6 +48,7 @@ class Flickr30kRetrievalTask(DataTask):
     unit = "images"
     default_split = "test"
     default_configs: dict[str, Any] = {}  # no ViLT retrieval preset: each method's default
+    meter_preset = "meter-retrieval"
     accepted_options = DataTask.accepted_options | {"rerank_top_k", "first_stage_scores"}
 
     def __init__(self, options=None) -> None:

@@ -1,4 +1,5 @@
-"""Loading the user's own model (``--model``): an HF model directory or an id in the local HF cache.
+"""Loading the user's own model (``--model``): an HF model directory, an id in the local HF cache, or
+a METER model folder / checkpoint (:mod:`.meter_checkpoint`).
 
 Nothing is downloaded (``local_files_only=True``) and a model directory's own code never runs
 unless the user says so (``--trust-remote-code``). The model's class must have the head the task
@@ -47,11 +48,9 @@ def _resolve(model: str | None) -> str:
     if not model:
         raise UserError("this task needs --model: an HF model directory (model + processor) or an id in the local HF cache")
     path = Path(model).expanduser()
-    if path.suffix in (".ckpt", ".safetensors", ".pt", ".bin"):
-        raise UserError(f"--model {model}: loading a bare checkpoint file is not supported by this task yet; pass an HF "
-                        "model directory (config.json, weights and processor files), e.g. one saved with save_pretrained")
     if path.exists() and not (path / "config.json").is_file():
-        raise UserError(f"--model {model}: no config.json there; expected an HF model directory saved with save_pretrained")
+        raise UserError(f"--model {model}: no config.json there; expected an HF model directory saved with save_pretrained "
+                        "(or a METER model folder with meter_config.json, docs/reproduce.md)")
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_like_path and not path.exists():
         raise UserError(f"--model {model}: no such directory")
@@ -62,7 +61,8 @@ def load_user_model(model: str | None, head: str, trust_remote_code: bool = Fals
     """Loads ``--model`` with its processor and checks that its head fits the task.
 
     Args:
-        model: an HF model directory or an id already in the local HF cache.
+        model: an HF model directory, an id already in the local HF cache, or a METER model folder or
+            checkpoint (:mod:`.meter_checkpoint`).
         head: the task's head kind, a key of ``TASK_HEADS``.
         trust_remote_code: let a model directory's own code run.
 
@@ -73,6 +73,12 @@ def load_user_model(model: str | None, head: str, trust_remote_code: bool = Fals
         UserError: no such directory or cached id, a model whose class does not fit ``head`` (naming
             the classes that do), or a missing processor.
     """
+    from .meter_checkpoint import is_meter_model, load_meter_model
+
+    if is_meter_model(model):
+        meter, processor, description = load_meter_model(str(model), head)
+        return UserModel(meter, processor, "meter", description)
+
     import transformers
     from transformers import AutoConfig, AutoProcessor
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
 
-from .base import Batch, Predictions, Task, TaskOptions
+from .base import Batch, Predictions, Task, TaskOptions, load_config
 from .data_files import DataError, ImageDecoder, ImageSource
 from .predictions import RunOutputs, write_run_info
 from .subset import Subset, seeded_subset
@@ -134,6 +134,8 @@ class DataTask(Task):
     #: what an example is called in outputs
     unit: ClassVar[str] = "examples"
     default_configs: ClassVar[dict[str, Any]] = {"pumer": "vilt-vqa"}
+    #: PuMer's preset for a METER model on this task (PuMer Table 6)
+    meter_preset: ClassVar[str | None] = "meter-vqa"
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         super().__init__(options)
@@ -160,6 +162,13 @@ class DataTask(Task):
 
     def check_model(self, model: nn.Module) -> None:
         """Raises UserError if the model's labels do not fit the task (default: nothing to check)."""
+
+    def default_config(self, method: str) -> Any:
+        """As :meth:`Task.default_config`, with PuMer's METER preset of the task (``meter-vqa``, ...) when
+        ``--model`` is a METER model (the ViLT presets name layers a 6-block METER fusion does not have)."""
+        if method == "pumer" and self.user_model.adapter == "meter" and self.meter_preset:
+            return load_config(method, self.meter_preset)
+        return super().default_config(method)
 
     def load_model(self, device: torch.device) -> nn.Module:
         import copy

@@ -41,7 +41,7 @@ from .digits import CANVAS_PX, PATCH_PX, DigitsVQA, Example, majority_answer_acc
 LLAVA_NAME = "builtin-llava-digits-vqa"
 METADATA_FILE = "builtin.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tower C = 128 and the longer curriculum (val 60.8% -> 75.8%)
 DEFAULT_BATCH_SIZE = 64
 NUM_VAL_EXAMPLES = 1000
 NUM_TEST_EXAMPLES = 1000
@@ -50,7 +50,7 @@ _CHECKED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "i
 
 
 def builtin_llava_config(vocab_size: int | None = None, hidden_size: int = 128, num_layers: int = 6,
-                         vision_hidden: int = 64, vision_layers: int = 2, num_heads: int = 4,
+                         vision_hidden: int = 128, vision_layers: int = 2, num_heads: int = 4,
                          mlp_ratio: int = 4) -> LlavaConfig:
     """The ``LlavaConfig`` of the built-in model (sdpa attention, weights init at std ``1 / sqrt(C)``).
 

@@ -35,7 +35,7 @@ from .builtin_training import AuxiliaryHeads, Stage, auxiliary_targets, groundin
 from .digits import DigitsVQA, Example
 
 #: 48 px (V = 9), 96 px (V = 36), then the task's 192 px (V = 144)
-LLAVA_CURRICULUM = (Stage(1, 1, 300), Stage(2, 2, 100), Stage(4, 2, 40))
+LLAVA_CURRICULUM = (Stage(1, 1, 1200), Stage(2, 2, 300), Stage(4, 2, 160))
 
 
 def curriculum_data(curriculum: tuple[Stage, ...], batch_size: int, seed: int) -> list[tuple[DigitsVQA, int]]:

@@ -425,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_sigterm = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of our output went away (`pumer-plug list | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
     except (UserError, OSError) as err:  # OSError: a file the user named cannot be read or written
         print(f"pumer-plug: error: {err}", file=sys.stderr)
         return 2

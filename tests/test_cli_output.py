@@ -122,3 +122,26 @@ def test_list_fits_120_columns_and_names_every_registered_thing(capsys):
     for name in [*pumer_plug.list_methods(), *pumer_plug.list_adapters(), *TASKS.list(), *BENCH_MODELS.list()]:
         assert f"  {name}" in out
     assert "``" not in out
+
+
+def test_output_cut_short_by_its_reader_is_no_error(monkeypatch, tmp_path, capsys):
+    """`pumer-plug list | head -1`: the closed pipe ends the command quietly (exit 0, nothing on stderr)."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    closed = ClosedPipe()
+    closed.fileno = (tmp_path / "sink").open("w").fileno  # main() points the descriptor at /dev/null
+    monkeypatch.setattr(sys, "stdout", closed)
+    assert main(["list"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_memory_note_keeps_to_120_columns():
+    from pumer_plug.evaluation.measure import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD
+    from pumer_plug.evaluation.studies.report import format_memory_note
+
+    note = format_memory_note([{"memory_method": CPU_MEMORY_METHOD}, {"memory_method": CUDA_MEMORY_METHOD}])
+    assert "counted by PyTorch" in note and max(len(line) for line in note.splitlines()) <= 120

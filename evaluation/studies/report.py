@@ -230,9 +230,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], tablefmt: str = "github", wi
 
 
 def format_memory_note(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per memory method of the rows: what "mem MiB" measured, in plain words."""
+    """What "mem MiB" measured, in plain words, per memory method of the rows (wrapped at 120 columns)."""
+    import textwrap
+
     methods = sorted({row.get("memory_method") for row in rows if row.get("memory_method")})
-    return "\n".join(MEMORY_IN_WORDS.get(m, f"peak memory measured by {m}") for m in methods)
+    return "\n".join(textwrap.fill(MEMORY_IN_WORDS.get(m, f"peak memory measured by {m}"), 120, subsequent_indent="  ")
+                     for m in methods)
 
 
 def environment_of(row: Mapping[str, Any]) -> dict[str, Any]:

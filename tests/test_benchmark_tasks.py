@@ -34,7 +34,7 @@ def save_tiny_vilt(path: Path, cls_name: str, labels: tuple[str, ...], **overrid
     path.mkdir(parents=True, exist_ok=True)
     vocab = path / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)  # transformers 5 ignores vocab_file= (all [UNK])
     image_processor = ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=16)
     config = ViltConfig(**{**TINY, **overrides}, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
     torch.manual_seed(0)
@@ -379,7 +379,7 @@ def save_tiny_bridgetower_retrieval(path: Path) -> Path:
     tokens = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + list(bytes_to_unicode().values())
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = RobertaTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    tokenizer = RobertaTokenizerFast(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))  # not vocab_file=: ignored in transformers 5
     image_processor = BridgeTowerImageProcessor(size={"shortest_edge": 64}, crop_size={"shortest_edge": 64})
     config = tiny_bridgetower_config(text_config=dict(vocab_size=len(tokens), hidden_size=64, num_hidden_layers=4,
                                                       num_attention_heads=4, intermediate_size=128, max_position_embeddings=80))
@@ -466,3 +466,13 @@ def test_rerank_options_are_checked_in_one_line(tmp_path, capsys, extra, words):
     code, _, err = run_cli(["compare", "--task", "flickr30k", "--data-dir", str(data), "--model", str(model),
                             "--methods", "dense", "--output", str(tmp_path / "o"), *extra], capsys)
     _one_line_error(code, err, *words)
+
+
+def test_fixture_tokenizers_read_their_vocabulary(tmp_path):
+    """The tiny models' tokenizers know the fixture words (transformers 5 ignored ``vocab_file=``, so
+    every word became [UNK] and no test fed text to a model)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(save_tiny_vilt(tmp_path / "vilt", "ViltForQuestionAnswering", ("yes",)))
+    tokens = processor.tokenizer.convert_ids_to_tokens(processor.tokenizer("Is there a cat?")["input_ids"])
+    assert "[UNK]" not in tokens and "cat" in tokens

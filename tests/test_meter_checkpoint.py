@@ -30,7 +30,7 @@ def save_tiny_meter(folder: Path, task: str = "vqa", suffix: str = ".ckpt", labe
     (folder / "meter_config.json").write_text(json.dumps(spec))
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(vocab), do_lower_case=True).save_pretrained(folder)  # vocab=: transformers 5 ignores vocab_file=
     return folder
 
 

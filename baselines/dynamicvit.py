@@ -44,6 +44,9 @@ POLICY_EPS = 1e-6
 
 
 # -- pure tensor functions ---------------------------------------------------------------------
+PREDICTOR_SEED = 0  # the predictors' initialisation (reproducible untrained runs)
+
+
 class PredictorLG(nn.Module):
     """Keep/drop log-probabilities from local and policy-pooled global features (DynamicViT ``PredictorLG``).
 
@@ -258,7 +261,11 @@ class DynamicViT(ReductionMethod):
         return None if self._predictors is None else self._predictors[str(self.config.reduction_layers[0])].in_conv[1].in_features
 
     def _build(self, embed_dim: int) -> None:
-        self._predictors = nn.ModuleDict({str(i): PredictorLG(embed_dim) for i in self.config.reduction_layers})
+        """Initialises the predictors from a fixed seed (``PREDICTOR_SEED``) without touching the global
+        random state, so untrained (plug-and-play) DynamicViT gives the same result on every run."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PREDICTOR_SEED)
+            self._predictors = nn.ModuleDict({str(i): PredictorLG(embed_dim) for i in self.config.reduction_layers})
         self._predictors.train(False)
 
     # -- saved state -------------------------------------------------------------------------------

@@ -376,6 +376,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     method = _parse_methods(args.method)[0] if "," not in args.method else None
     if method is None:
         raise UserError(f"--method takes one reduction method, got {args.method!r}")
+    _output_folder(args.output)  # a file there is refused before any work
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, model=args.model))
     config = load_config(method, args.config) if args.config else task.default_config(method)
     written = []

@@ -145,3 +145,11 @@ def test_memory_note_keeps_to_120_columns():
 
     note = format_memory_note([{"memory_method": CPU_MEMORY_METHOD}, {"memory_method": CUDA_MEMORY_METHOD}])
     assert "counted by PyTorch" in note and max(len(line) for line in note.splitlines()) <= 120
+
+
+def test_show_refuses_an_output_file_before_any_work(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    assert main(["show", "--method", "pumer", "--output", str(target), "--cache-dir", str(tmp_path / "no-cache")]) == 2
+    assert "is a file; --output takes a folder" in capsys.readouterr().err
+    assert not (tmp_path / "no-cache").exists()  # refused before the task (and its model) was touched

@@ -319,3 +319,23 @@ def test_rows_with_fewer_real_patches_keep_their_own_count():
             model(**batch)
         image = handle.streams["vilt"].lengths[1]
     assert image == (1 + 6, 1 + 3, 1 + 6)  # floor(0.25 * 24), floor(0.25 * 12)
+
+
+def test_untrained_predictors_are_the_same_on_every_attach_and_leave_the_global_rng_alone():
+    """Plug-and-play DynamicViT reproduces: two attaches build identical predictors (a new user saw its
+    compare accuracy change between runs), and building them does not move torch's global RNG."""
+    from pumer_plug.baselines.dynamicvit import DynamicViT
+    from pumer_plug.baselines.dynamicvit_config import DynamicViTConfig
+
+    first, second = DynamicViT(DynamicViTConfig(reduction_layers=(1, 2))), DynamicViT(DynamicViTConfig(reduction_layers=(1, 2)))
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first._build(16)
+    torch.rand(5)  # the RNG moves between the two builds
+    second._build(16)
+    for a, b in zip(first.modules().state_dict().values(), second.modules().state_dict().values()):
+        assert torch.equal(a, b)
+    torch.manual_seed(123)
+    first._build(16)
+    assert torch.equal(torch.rand(1), before)

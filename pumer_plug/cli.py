@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from pumer_plug.cli_parser import build_parser
 from pumer_plug.errors import UserError
+from pumer_plug.evaluation.parallel import check_command, is_main_process, launched_processes
 
 
 def _parse_methods(text: str) -> list[str]:
@@ -45,8 +46,22 @@ def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict
     return {m: chosen.get(m) or task.default_config(m) for m in methods}
 
 
+#: folders this command created (deepest first): removed again if it fails and leaves them empty
+_created_folders: list[Path] = []
+
+
+def _remove_empty_created_folders() -> None:
+    for folder in _created_folders:
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            pass
+    _created_folders.clear()
+
+
 def _output_folder(path: str | Path, option: str = "--output") -> Path:
     """Creates the output folder ``path`` (and parents) before any work starts; a file there is refused.
+    A command that then fails removes the folders it created if they are still empty.
 
     Raises:
         UserError: ``path`` is a file, or the folder cannot be created or written.
@@ -54,8 +69,10 @@ def _output_folder(path: str | Path, option: str = "--output") -> Path:
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{option} {path} is a file; {option} takes a folder")
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _created_folders.extend(missing)
     except OSError as err:
         raise UserError(f"cannot create the {option} folder {path}: {err.strerror or err}") from None
     if not os.access(folder, os.W_OK):
@@ -77,8 +94,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
     from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
-    from pumer_plug.evaluation.studies.report import (format_memory_note, format_references, format_table,
-                                                      format_timing_note, write_results)
+    from pumer_plug.evaluation.studies.report import (format_memory_note, format_references, format_speedup_note,
+                                                      format_table, format_timing_note, write_results)
     from pumer_plug.evaluation.tasks import get_task
 
     if args.find_batch_size and torch.device(args.device).type != "cuda":
@@ -93,6 +110,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = run_compare(task, specs, batch_size=None if args.find_batch_size else args.batch_size, device=args.device,
                        rounds=args.rounds, timing_batches=args.timing_batches, dtype=args.dtype,
                        predictions_dir=args.output if args.save_predictions or task.writes_predictions else None)
+    if not is_main_process():  # accelerate launch: the main process prints and writes
+        return 0
     references = task.reference_accuracies()
     print(format_table(rows, wide=args.wide, references=references))
     if references:
@@ -107,6 +126,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     paths = write_results(rows, args.output, references)
     print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} (all columns)")
     print(format_memory_note(rows))
+    print(format_speedup_note(rows))
     if format_timing_note(rows):
         print(format_timing_note(rows))
     return 0
@@ -167,6 +187,8 @@ def _compare_generative(task: Any, specs: list, args: argparse.Namespace) -> int
     if torch.device(args.device).type != "cpu" or args.dtype != "float32":
         raise UserError(f"task {task.name!r} is compared on the CPU in float32 (got --device {args.device}, --dtype {args.dtype})")
     rows = run_decoder_compare(task, specs, batch_size=args.batch_size, rounds=args.rounds)
+    if not is_main_process():
+        return 0
     print(format_decoder_table(rows))
     references = task.reference_accuracies()
     print(format_references(references))
@@ -274,6 +296,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     output = _output_folder(args.output or f"results/finetune/{method}")
     task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir))
     result = finetune(task, config, output, resume=args.resume, device=args.device)
+    if not is_main_process():  # accelerate launch: the main process prints
+        return 0
     initial = result.initial_val_accuracy
     print(f"finetuned {method} for {result.epochs_run} epoch(s), {result.steps} steps, {result.seconds:.0f} s"
           f"{' (stopped early)' if result.stopped_early else ''}")
@@ -293,6 +317,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.tuned:
         from pumer_plug.evaluation.studies.tune import tuned_grid
 
+        if launched_processes() > 1:
+            raise UserError("sweep --tuned searches in one process; run it without accelerate launch "
+                            "(sweep --grid runs data-parallel)")
+
         task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
         studies = Path(args.output or "results/sweep/figure5-tuned")  # the tuning studies go to STUDIES/tune/
         grid = tuned_grid(task, _parse_methods(args.tune_methods), args.tuned, studies, measure=args.tune_measure,
@@ -303,9 +331,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid = load_grid(args.grid)
     finetune_base = _finetune_config(args) if args.finetune else None
     output = Path(args.output or f"results/sweep/{grid.name}{'-finetune' if args.finetune else ''}")
-    if args.list_points:
-        for point in grid.points:
-            print(f"{point.method:11s} {point.label:40s} {point.key(finetune_base)}")
+    if args.list_points:  # the full config of every point goes into results.jsonl ("config")
+        print(tabulate([[p.method, p.label, p.group or "", ", ".join(f"{k}={v}" for k, v in dict(p.finetune).items())]
+                        for p in grid.points], headers=["method", "label", "group", "finetune"],
+                       tablefmt="plain", disable_numparse=True))
         return 0
     _output_folder(output)
     task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
@@ -313,6 +342,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     records = run_sweep(task, grid.points, results, name=grid.name, finetune_base=finetune_base,
                         batch_size=args.batch_size, device=args.device, rounds=args.rounds,
                         timing_batches=args.timing_batches)
+    if not is_main_process():  # accelerate launch: the main process prints, writes and plots
+        return 0
     if not records:
         print(f"every point of {grid.name} has finished in {results}; nothing to measure")
     rows = [[r.get("method", "dense"), ", ".join(r.get("labels") or [r["label"]]), r["status"],
@@ -425,17 +456,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     old_sigterm = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        check_command(args.command)  # several processes (accelerate launch): compare, sweep, finetune only
         return args.func(args)
     except BrokenPipeError:  # the reader of our output went away (`pumer-plug list | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 0
     except (UserError, OSError) as err:  # OSError: a file the user named cannot be read or written
+        _remove_empty_created_folders()
         print(f"pumer-plug: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _remove_empty_created_folders()
         print("pumer-plug: interrupted", file=sys.stderr)
         return 130
     finally:
+        _created_folders.clear()
         warnings.showwarning = old_show_warning
         if in_main_thread:
             signal.signal(signal.SIGTERM, old_sigterm)

@@ -22,6 +22,7 @@ from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environmen
                                            measure_train_step_memory, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
 from pumer_plug.evaluation.measure.variants import batch_size_of, counting_attaches
+from pumer_plug.evaluation.parallel import Processes
 from pumer_plug.evaluation.tasks.base import Task, attach_method, check_methods_fit, on_device
 
 
@@ -85,34 +86,40 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
 
     Returns:
         One row per variant (dense first) with the columns of
-        :func:`~pumer_plug.evaluation.studies.report.compare_rows` and the environment record.
+        :func:`~pumer_plug.evaluation.studies.report.compare_rows` and the environment record;
+        ``[]`` on a process other than the main one under ``accelerate launch`` (it only scores its
+        share of the test batches: :mod:`~pumer_plug.evaluation.parallel`).
 
     Raises:
         UserError: ``batch_size`` is None on a device that is not CUDA, or a method does not fit the model.
     """
-    dev, cast = torch.device(device), DTYPES[dtype]
+    procs = Processes.current(device)  # under accelerate launch: this process's rank and device
+    dev, cast = procs.device, DTYPES[dtype]
     if batch_size is None and dev.type != "cuda":
         raise UserError(f"--find-batch-size needs a CUDA device, got {dev}; pass --batch-size instead")
     model = load_model(task, dev, cast)
     check_methods_fit(model, task.adapter, [(spec.method, spec.config) for spec in specs])
     if batch_size is None:
-        batch_size = largest_batch_size(task, model, dev, cast)
-    test = on_device(task.batches("test", batch_size), dev, cast)
+        batch_size = procs.smallest(largest_batch_size(task, model, dev, cast))  # one batch size for every process
+    test = on_device(procs.shard(task.batches("test", batch_size)), dev, cast)
     variants = make_variants(task, specs)
     accuracy, scores = {}, {}
+    progress = progress and procs.is_main
     with tqdm(desc="accuracy", unit="ex", disable=not progress) as bar:  # counts examples of every variant
         for k, variant in enumerate(variants):
             bar.set_postfix_str(variant.name)
             with attached(model, variant.attach):
-                predictions = task.predictions(model, _counted(test, bar))
+                predictions = procs.predictions(task, model, _counted(test, bar))
             if k == 0:  # the number of test examples is known after the first pass
                 bar.total = bar.n * len(variants)
                 bar.refresh()
             scores[variant.name] = task.metrics(predictions)  # every key of the task's metrics, recorded per row
             accuracy[variant.name] = scores[variant.name][task.metric]
-            if predictions_dir is not None:
+            if predictions_dir is not None and procs.is_main:
                 Path(predictions_dir).mkdir(parents=True, exist_ok=True)
                 task.write_predictions(predictions, Path(predictions_dir) / f"predictions-{variant.name}.jsonl")
+    if not procs.is_main:  # timing, memory and FLOPs: the main process alone, on its own device
+        return []
     timing = [x for x, _ in itertools.islice(test, timing_batches)]
     with tqdm(total=(1 + rounds) * len(variants), desc=f"timing ({rounds} rounds + 1 warm-up, variants interleaved)",
               unit="pass", disable=not progress) as bar:
@@ -123,7 +130,7 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
         memory[v.name] = measure_peak_memory(model, timing[0], v.attach, device=dev)
         gflops[v.name] = measure_flops(model, timing[0], v.attach, device=dev)
     env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
-    env.update(task=task.name, metric=task.metric)  # the "accuracy" column holds the task's headline metric
+    env.update(task=task.name, metric=task.metric, accuracy_processes=procs.count)  # the "accuracy" column holds the task's headline metric
     env.update(task.run_notes())  # what was evaluated: subset, skipped images, label coverage
     rows = compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,
                         memory=memory, gflops=gflops)

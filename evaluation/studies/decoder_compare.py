@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pumer_plug.evaluation.decoder_bench import kv_cache_bytes
 from pumer_plug.evaluation.measure import attached, environment_record
+from pumer_plug.evaluation.parallel import Processes
 from pumer_plug.evaluation.studies.compare import MethodSpec, make_variants
 from pumer_plug.evaluation.tasks.base import Task
 
@@ -70,14 +71,19 @@ def run_decoder_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int
     """Accuracy, time to first token, decode tokens/s, KV-cache MiB and prefill GFLOPs per variant (CPU, float32).
 
     Returns:
-        One row per variant (dense first): the ``COLUMNS`` keys and the environment record.
+        One row per variant (dense first): the ``COLUMNS`` keys and the environment record; ``[]``
+        on a process other than the main one under ``accelerate launch``.
     """
+    procs = Processes.current("cpu")  # under accelerate launch: every process scores its share of the batches
     model = task.load_model(torch.device("cpu")).eval()
     variants = make_variants(task, specs)
     accuracy = {}
-    for variant in tqdm(variants, desc="accuracy", disable=not progress):
+    test = procs.shard(task.batches("test", batch_size))
+    for variant in tqdm(variants, desc="accuracy", disable=not (progress and procs.is_main)):
         with attached(model, variant.attach):
-            accuracy[variant.name] = task.metrics(task.predictions(model, task.batches("test", batch_size)))[task.metric]
+            accuracy[variant.name] = procs.accuracy(task, model, test)
+    if not procs.is_main:  # timing: the main process alone
+        return []
     inputs, _ = next(iter(task.batches("test", 1, 1)))
     image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     prompt_tokens = inputs["input_ids"].shape[1]

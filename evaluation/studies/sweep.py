@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from pumer_plug.config import read_config_file
 from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_peak_memory, measure_throughput
+from pumer_plug.evaluation.parallel import Processes
 from pumer_plug.evaluation.studies.report import compare_rows
 from pumer_plug.evaluation.tasks.base import Task, check_methods_fit, load_config, on_device
 from pumer_plug.evaluation.training.finetune import (FinetuneConfig, attach_finetuned, config_to_dict, finetune,
@@ -175,7 +176,7 @@ def load_grid(spec: str) -> Grid:
         return parse_grid(PRESETS[spec], f"preset {spec}", spec)
     path = Path(spec)
     if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
-        return parse_grid(read_config_file(path), str(path), path.stem)
+        return parse_grid(read_config_file(path, "grid file"), str(path), path.stem)
     raise UserError(f"{spec!r} is neither a sweep preset ({', '.join(sorted(PRESETS))}) nor a .yaml/.json grid file")
 
 
@@ -285,8 +286,9 @@ class _Reference:
     """The dense model of this run and what every point is measured against."""
 
     task: Task
+    procs: Processes
     model: torch.nn.Module
-    test: list
+    test: Iterable
     timing: list
     device: torch.device
     environment: dict[str, Any]
@@ -298,14 +300,18 @@ class _Reference:
 
 def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
                points: Sequence[SweepPoint] = ()) -> _Reference:
-    dev = torch.device(device)
+    procs = Processes.current(device)  # under accelerate launch: this process's rank and device
+    dev = procs.device
     model = task.load_model(dev).eval()
     check_methods_fit(model, task.adapter, [(p.method, p.config) for p in points])  # before any evaluation
-    test = on_device(task.batches("test", batch_size), dev, torch.float32)
+    test = on_device(procs.shard(task.batches("test", batch_size)), dev, torch.float32)
     env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(), "eager")
-    timing = [x for x, _ in itertools.islice(test, timing_batches)]
-    ref = _Reference(task, model, test, timing, dev, {**env, "task": task.name, "metric": task.metric})
-    ref.accuracy = task.accuracy(model, test)
+    timing = [x for x, _ in itertools.islice(test, timing_batches)] if procs.is_main else []
+    ref = _Reference(task, procs, model, test, timing, dev, {**env, "task": task.name, "metric": task.metric,
+                                                             "accuracy_processes": procs.count})
+    ref.accuracy = procs.accuracy(task, model, test)
+    if not procs.is_main:  # the other processes only score their share of the test batches
+        return ref
     ref.memory = measure_peak_memory(model, ref.timing[0], None, device=dev)
     ref.gflops = measure_flops(model, ref.timing[0], None, device=dev)
     ref.image_tokens = task.image_tokens(ref.timing[0])
@@ -317,14 +323,14 @@ def _point_accuracy(ref: _Reference, point: SweepPoint, finetune_base: FinetuneC
     task = ref.task
     if finetune_base is None:
         with apply(ref.model, adapter=task.adapter, config=point.config, method=point.method):
-            return task.accuracy(ref.model, ref.test), {}
+            return ref.procs.accuracy(task, ref.model, ref.test), {}
     slug = hashlib.sha1(point.key(finetune_base).encode()).hexdigest()[:10]
     folder = output_dir / "finetuned" / f"{point.method}-{slug}"
     result = finetune(task, point.finetune_config(finetune_base), folder, resume=True,
                       device=str(ref.device), progress=progress)
     model, _, _ = load_finetuned(folder, model=task.load_model(ref.device), device=str(ref.device))
     with attach_finetuned(model, folder, adapter=task.adapter):
-        accuracy = task.accuracy(model, ref.test)
+        accuracy = ref.procs.accuracy(task, model, ref.test)
     return accuracy, {"finetuned_dir": str(folder), "best_val_accuracy": result.best_val_accuracy,
                       "initial_val_accuracy": result.initial_val_accuracy, "epochs_run": result.epochs_run,
                       "finetune_seconds": result.seconds}
@@ -347,6 +353,8 @@ def _measure_point(ref: _Reference, point: SweepPoint, finetune_base: FinetuneCo
         return handles[-1]
 
     accuracy, extra = _point_accuracy(ref, point, finetune_base, output_dir, progress)
+    if not ref.procs.is_main:
+        return {}
     dense, variant = Variant("dense", "-", None), Variant("point", point.label, attach)
     throughput = measure_throughput(ref.model, ref.timing, [dense, variant], rounds=rounds, warmup=1, device=ref.device)
     memory = measure_peak_memory(ref.model, ref.timing[0], attach, device=ref.device)
@@ -384,7 +392,8 @@ def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path
     """Measures every unfinished point and appends one record per point (and one dense record) to ``results_path``.
 
     Returns:
-        The records written by this call (dense first); ``[]`` when every point had finished.
+        The records written by this call (dense first); ``[]`` when every point had finished, and on
+        a process other than the main one under ``accelerate launch`` (:mod:`~pumer_plug.evaluation.parallel`).
 
     Raises:
         UserError: the results file holds records of another task or test-split size.
@@ -402,10 +411,13 @@ def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path
     common = {"sweep": name, "run_id": run_id, "mode": "finetune" if finetune_base else "plug", "rounds": rounds,
               "speedup_label": task.speedup_label, **settings}
     ref = _reference(task, batch_size, timing_batches, device, [p for p, _ in todo])
-    written = [{**_dense_record(ref, rounds), **common, "key": "dense", "status": "ok", "label": "dense",
-                "labels": ["dense"], "series": "dense", "group": None, "config": None}]
-    _append(path, written[0])
-    for point, labels in tqdm(todo, desc=f"sweep {name}", unit="point", disable=not progress):
+    main = ref.procs.is_main  # under accelerate launch, the other processes only score their share of each pass
+    written = []
+    if main:
+        written.append({**_dense_record(ref, rounds), **common, "key": "dense", "status": "ok", "label": "dense",
+                        "labels": ["dense"], "series": "dense", "group": None, "config": None})
+        _append(path, written[0])
+    for point, labels in tqdm(todo, desc=f"sweep {name}", unit="point", disable=not (progress and main)):
         started = time.perf_counter()
         record = {**common, "key": point.key(finetune_base), "method": point.method, "label": point.label,
                   "labels": labels, "series": point.series, "group": point.group, "config": config_to_dict(point.config),
@@ -417,6 +429,7 @@ def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path
             record.update(status="error", error=message)
             tqdm.write(f"pumer-plug: point {point.method} {point.label!r} failed: {message}", file=sys.stderr)
         record["seconds"] = time.perf_counter() - started
-        _append(path, record)
-        written.append(record)
+        if main:
+            _append(path, record)
+            written.append(record)
     return written

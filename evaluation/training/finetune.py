@@ -60,6 +60,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
+from pumer_plug.evaluation.parallel import Processes
 from pumer_plug.evaluation.tasks.base import Task, attach_method, load_config, on_device
 from pumer_plug.handle import ReductionHandle
 
@@ -125,8 +126,10 @@ class _Trainer:
             self.method_config = load_config(config.method_name, spec)
             self.handle = attach_method(model, task.adapter, config.method_name, self.method_config)
         self.backbone = model
+        acc = self.accelerator  # several processes: each scores every N-th val batch (pumer_plug.evaluation.parallel)
+        self.procs = Processes(acc.process_index, acc.num_processes, acc.device)
         try:
-            self.val = task.batches("val", config.eval_batch_size, config.num_val_examples)
+            self.val = self.procs.shard(task.batches("val", config.eval_batch_size, config.num_val_examples))
             self._prepare()
         except BaseException:
             self.close()
@@ -175,15 +178,10 @@ class _Trainer:
         return terms
 
     def evaluate(self) -> float:
-        """Val accuracy with the method attached (eval mode); every process takes the main process's value."""
-        device = self.accelerator.device
-        batches = on_device(self.val, device)
-        accuracy = float(self.task.accuracy(self.accelerator.unwrap_model(self.student).backbone, batches))
-        if self.accelerator.num_processes > 1:  # GPU kernels may differ in the last bit; decide together
-            from accelerate.utils import broadcast_object_list
-
-            accuracy = broadcast_object_list([accuracy])[0]
-        return accuracy
+        """Val accuracy with the method attached (eval mode); several processes score their shares of the
+        val batches and every process computes the same value from the gathered predictions."""
+        batches = on_device(self.val, self.accelerator.device)
+        return float(self.procs.accuracy(self.task, self.accelerator.unwrap_model(self.student).backbone, batches))
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> FinetuneResult:

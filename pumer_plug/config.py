@@ -269,16 +269,16 @@ def config_from_mapping(config_cls: type, values: Any, source: str) -> Any:
         raise UserError(f"{source}: {err}") from None
 
 
-def read_config_file(path: Path) -> Any:
-    """Parses a JSON or YAML file.
+def read_config_file(path: Path, kind: str = "config file") -> Any:
+    """Parses a JSON or YAML file; ``kind`` names it in errors ("config file", "grid file").
 
     Raises:
-        ValueError: the file cannot be read or parsed (one line naming the file and the problem).
+        UserError: the file cannot be read or parsed (one line naming the file and the problem).
     """
     try:
         text = path.read_text()
     except OSError as err:
-        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+        raise UserError(f"cannot read {kind} {path}: {err.strerror or err}") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -286,7 +286,7 @@ def read_config_file(path: Path) -> Any:
             return yaml.safe_load(text)
         return json.loads(text)
     except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
-        raise UserError(f"cannot parse config file {path}: {parse_error_text(err)}") from None
+        raise UserError(f"cannot parse {kind} {path}: {parse_error_text(err)}") from None
 
 
 def parse_error_text(err: Exception) -> str:

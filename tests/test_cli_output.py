@@ -153,3 +153,22 @@ def test_show_refuses_an_output_file_before_any_work(tmp_path, capsys):
     assert main(["show", "--method", "pumer", "--output", str(target), "--cache-dir", str(tmp_path / "no-cache")]) == 2
     assert "is a file; --output takes a folder" in capsys.readouterr().err
     assert not (tmp_path / "no-cache").exists()  # refused before the task (and its model) was touched
+
+
+@pytest.mark.parametrize("command", [["compare", "--config", "pumer=nosuch-preset"],
+                                     ["sweep", "--grid", "figure5", "--task", "nosuch-task"]])
+def test_a_refused_run_leaves_no_empty_output_folder(tmp_path, capsys, command):
+    output = tmp_path / "new" / "out"
+    assert main([*command, "--output", str(output)]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert tmp_path.exists()  # folders that were there stay
+
+
+def test_sweep_list_points_fits_120_columns(capsys):
+    from pumer_plug.evaluation.studies.sweep import PRESETS
+
+    for name in PRESETS:
+        assert main(["sweep", "--grid", name, "--list-points"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) > 1 and max(map(len, lines)) <= 120, name

@@ -67,7 +67,7 @@ def test_a_failing_point_records_its_error_and_the_sweep_goes_on(tmp_path, monke
     ("points:\n  - method: pumer\n    vary: {prune_ration: [0.1]}\n", "points[0]: pumer config: unknown PumerConfig field(s) ['prune_ration']"),
     ("points:\n  - method: pumer\n    base: {prune_ratio: 1.5}\n", "points[0]: pumer config: PumerConfig.prune_ratio must be in [0, 1)"),
     ("points:\n  - method: pumer\n    finetune: {epochs: 0}\n", "points[0]: FinetuneConfig.epochs must be an int >= 1"),
-    ("points: [\n", "cannot parse config file"),
+    ("points: [\n", "cannot parse grid file"),
     ("name: x\n", "expected a mapping with a non-empty 'points' list"),
 ])
 def test_grid_file_errors_are_one_clear_line(tmp_path, capsys, text, expected):

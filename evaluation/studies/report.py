@@ -96,6 +96,15 @@ def throughput_increase(rounds: Sequence[float], base_rounds: Sequence[float]) -
 NOISY_SPREAD = 1.5
 
 
+def format_speedup_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How the speed-up column was computed, in one line (empty when no row has timed rounds)."""
+    rounds = max((len(row.get("throughput_per_s_rounds") or []) for row in rows), default=0)
+    if not rounds:
+        return ""
+    return (f"speed-up = median over {rounds} interleaved round(s) of each round's throughput ratio to dense "
+            "(ex/s: median of the rounds)")
+
+
 def format_timing_note(rows: Sequence[Mapping[str, Any]]) -> str:
     """A warning line when a variant's timed rounds differ by more than ``NOISY_SPREAD`` (empty otherwise)."""
     spreads = [max(r) / min(r) for r in (row.get("throughput_per_s_rounds") or [] for row in rows) if r and min(r) > 0]

@@ -124,7 +124,10 @@ class Processes:
         return interleave(type(local), shards)
 
     def accuracy(self, task: Task, model: torch.nn.Module, batches: Iterable[Batch]) -> float:
-        """The task's headline metric over every process's shard (see :meth:`predictions`)."""
+        """The task's headline metric over every process's shard (see :meth:`predictions`); in one
+        process, ``task.accuracy`` itself (a task may override it)."""
+        if self.count == 1:
+            return task.accuracy(model, batches)
         return task.metrics(self.predictions(task, model, batches))[task.metric]
 
     def smallest(self, value: int) -> int:

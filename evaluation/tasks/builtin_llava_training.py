@@ -115,7 +115,7 @@ def step_losses(model: LlavaForConditionalGeneration, heads: AuxiliaryHeads, inp
     answer_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, -2:].reshape(-1))
     words = [tokenizer.encode(e.question, add_special_tokens=False).ids for e in examples]
     question, positions, start = question_positions(words, V, N - 2)
-    targets = auxiliary_targets(examples, question, digit_word_ids)
+    targets = auxiliary_targets(examples, question, digit_word_ids, numbered_places=True)
     rows = torch.arange(B)[:, None]
     text = hidden[rows, positions]  # (B, T, C)
     image = hidden[rows, start[:, None] + 1 + torch.arange(V)]  # (B, V, C), row-major over the grid

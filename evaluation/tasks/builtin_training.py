@@ -97,10 +97,13 @@ class AuxiliaryHeads(nn.Module):
 
 
 def auxiliary_targets(examples: list[Example], input_ids: torch.Tensor,
-                      digit_word_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+                      digit_word_ids: torch.Tensor, numbered_places: bool = False) -> dict[str, torch.Tensor]:
     """Returns the targets of :class:`AuxiliaryHeads` for one batch.
 
     Token ``t`` of a question is word ``t - 1`` (the tokenizer is word-level with [CLS] first).
+    A place named in words ("top left") gives its last word a ``place_words`` target. With
+    ``numbered_places``, a place named by numbers ("row 2 column 3") does too, on the column
+    number, and its two numbers get no ``digit_words`` target (they name a place, not a digit).
 
     Shapes:
         input_ids (B, T); digit_word_ids (10,): token id of the words "0".."9".
@@ -112,6 +115,7 @@ def auxiliary_targets(examples: list[Example], input_ids: torch.Tensor,
     grid = examples[0].canvas_px // PATCH_PX
     patch = torch.full((len(examples), grid, grid), BACKGROUND, dtype=torch.long)
     place_words = torch.full(input_ids.shape, IGNORE, dtype=torch.long)
+    numbers = torch.zeros(input_ids.shape, dtype=torch.bool)  # tokens that number a row or column
     for b, example in enumerate(examples):
         r = example.region_patches
         for row, col, label in example.digit_patches():
@@ -121,9 +125,12 @@ def auxiliary_targets(examples: list[Example], input_ids: torch.Tensor,
             phrase = " ".join(words[i - 1:i + 1])
             cell = PLACE_NAMES.index(phrase) if phrase in PLACE_NAMES else (
                 PLACE_NAMES.index(word) if word in PLACE_NAMES else None)
+            if numbered_places and i >= 3 and words[i - 3] == "row" and words[i - 1] == "column":
+                cell = GRID_CELLS * (int(words[i - 2]) - 1) + int(word) - 1
+                numbers[b, [i - 1, i + 1]] = True  # tokens of the row and column numbers
             if cell is not None:
                 place_words[b, i + 1] = 10 if labels[b, cell] == EMPTY else labels[b, cell]
-    is_digit = input_ids[:, :, None] == digit_word_ids  # (B, T, 10)
+    is_digit = (input_ids[:, :, None] == digit_word_ids) & ~numbers[:, :, None]  # (B, T, 10)
     digit_words = torch.where(is_digit.any(-1), (is_digit.long() * counts[:, None, :]).sum(-1), IGNORE)
     total = counts.sum(1, keepdim=True)  # (B, 1): how many digits
     return {"patch": patch, "layout": torch.where(labels == EMPTY, 10, labels), "counts": torch.cat([counts, total], 1),

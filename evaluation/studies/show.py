@@ -197,8 +197,10 @@ def draw_example(result: ShowResult, stem: str | Path) -> dict[str, Path]:
             ax_img.set_title(f"input: {result.grid[0]}x{result.grid[1]} patches", fontsize=9)
         else:
             p = view.patches
+            others = view.image_tokens - len(p.kept) - len(p.merged)  # tokens that are no patch (the image [CLS])
             ax_img.set_title(f"after layer {view.layer}: {view.image_tokens} image tokens\n"
-                             f"{len(p.kept)} kept, {len(p.merged)} merged groups, {len(p.pruned)} pruned", fontsize=8)
+                             f"{len(p.kept)} kept, {len(p.merged)} merged groups"
+                             f"{f', {others} not a patch' if others > 0 else ''}, {len(p.pruned)} pruned", fontsize=8)
         ax_sal.set_xticks([])
         ax_sal.set_yticks([])
         if view is not None and view.saliency is not None:

@@ -45,7 +45,7 @@ ADAPTERS.declare("bridgetower", f"{_A}.bridgetower:BridgeTowerAdapter",
                  "Attaches a reduction method to a transformers BridgeTower model (reduction layers = cross pairs).")
 ADAPTERS.declare("timm-vit", f"{_A}.vit:TimmVitAdapter",
                  "Attaches a reduction method to a timm VisionTransformer (ViT, DeiT, DeiT-distilled, ...).")
-ADAPTERS.declare("open-clip-vit", f"{_A}.vit:OpenClipVitAdapter",
+ADAPTERS.declare("open-clip-vit", f"{_A}.open_clip_vit:OpenClipVitAdapter",
                  "Attaches a reduction method to open_clip's VisionTransformer (or a CLIP model's .visual).")
 ADAPTERS.declare("llava", f"{_A}.llava:LlavaAdapter",
                  "Attaches a reduction method to a transformers LLaVA model (one image per sample).")

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import pumer_plug
 from pumer_plug.adapters.vilt import ViltAdapter
-from pumer_plug.adapters.vit import OpenClipVitAdapter, TimmVitAdapter
+from pumer_plug.adapters.open_clip_vit import OpenClipVitAdapter
+from pumer_plug.adapters.vit import TimmVitAdapter
 from pumer_plug.baselines.smres import SmRes, SmResConfig, resize_images, resize_pixel_mask
 from tests.backbones import (bridgetower_batch, build_bridgetower, build_open_clip_vit, build_timm_vit, build_vilt,
                              vilt_batch)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import pumer_plug
 from pumer_plug import PumerConfig
 from pumer_plug.adapters import AdapterError
-from pumer_plug.adapters.vit import OpenClipVitAdapter, TimmVitAdapter
+from pumer_plug.adapters.open_clip_vit import OpenClipVitAdapter
+from pumer_plug.adapters.vit import TimmVitAdapter
 from pumer_plug.baselines.tome import TomeConfig
 from tests.backbones import BACKBONES, build_open_clip_vit, build_timm_vit, image_batch
 
@@ -229,3 +230,18 @@ def test_pumer_is_refused_on_image_only_backbones():
     with pytest.raises(ValueError, match="timm-vit adapter: method 'pumer' needs text-saliency"):
         pumer_plug.apply(model, method="pumer", config=PumerConfig(reduction_layers=(0,)))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_timm_user_imports_neither_open_clip_nor_transformers():
+    """``apply(vit, adapter="timm-vit")`` loads only the timm adapter (open_clip imports transformers: ~1 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, timm, pumer_plug\n"
+            "model = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=16)\n"
+            "with pumer_plug.apply(model, adapter='timm-vit', method='tome', config={'r': 1}) as handle:\n"
+            "    import torch; model(torch.randn(1, 3, 32, 32))\n"
+            "print(sorted(m for m in ('open_clip', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -71,7 +71,7 @@ class Processes:
         if launched_processes() == 1:
             return cls(0, 1, dev)
         if dev.index is not None:
-            raise UserError(f"under accelerate launch every process takes its own device; pass --device {dev.type}, "
+            raise UserError(f"under torchrun / accelerate launch every process takes its own device; pass --device {dev.type}, "
                             f"not --device {dev}")
         from accelerate import PartialState
 
@@ -151,7 +151,7 @@ def check_command(command: str) -> None:
     """
     if launched_processes() > 1 and command not in DATA_PARALLEL_COMMANDS:
         raise UserError(f"{command} runs in one process (it times or searches on one device); run it without "
-                        f"accelerate launch (data-parallel commands: {', '.join(DATA_PARALLEL_COMMANDS)})")
+                        f"torchrun / accelerate launch (data-parallel commands: {', '.join(DATA_PARALLEL_COMMANDS)})")
 
 
 class _Strided:

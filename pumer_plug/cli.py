@@ -318,7 +318,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from pumer_plug.evaluation.studies.tune import tuned_grid
 
         if launched_processes() > 1:
-            raise UserError("sweep --tuned searches in one process; run it without accelerate launch "
+            raise UserError("sweep --tuned searches in one process; run it without torchrun / accelerate launch "
                             "(sweep --grid runs data-parallel)")
 
         task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
@@ -387,6 +387,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       flops_margin=args.flops_margin, rounds=args.rounds, timing_batches=args.timing_batches,
                       device=args.device, seed=args.seed)
     print(format_result(result))
+    if result.rows and not task.held_out_test_split():
+        print(f"note: task {task.name!r} evaluates the split it tuned on (--split {task.split}, the val split too): "
+              "the test row is not held out")
     if result.rows and task.generates:  # a decoder VLM's rows: time to first token, decode tokens/s, KV cache
         from pumer_plug.evaluation.studies.decoder_compare import format_decoder_table, write_decoder_results
 
@@ -463,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (UserError, OSError) as err:  # OSError: a file the user named cannot be read or written
         _remove_empty_created_folders()
-        print(f"pumer-plug: error: {err}", file=sys.stderr)
+        if is_main_process():  # under a launcher every process refuses alike: one line, not one per process
+            print(f"pumer-plug: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _remove_empty_created_folders()

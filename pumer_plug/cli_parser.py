@@ -97,7 +97,9 @@ def _compare_parser(sub: Any, run: Command) -> None:
     p.add_argument("--task", default="builtin", help="registered task (pumer-plug list; default: builtin, the digits VQA task whose model ships with the package)")
     p.add_argument("--methods", default="dense,pumer", help="comma-separated methods from the registry (default: dense,pumer)")
     p.add_argument("--config", action="append", metavar="[METHOD=]PRESET_OR_FILE",
-                   help="method config: a preset name or a JSON/YAML file; repeatable; default: the task's preset per method")
+                   help="method config: a preset name, a JSON/YAML file (a finetune's method.json too) or inline JSON "
+                        "(fields not given take the config class's defaults, not the preset's); repeatable; "
+                        "default: the task's preset per method")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default: 64)")
     p.add_argument("--find-batch-size", action="store_true",
                    help="CUDA only: time at the largest batch the dense model fits (instead of --batch-size)")

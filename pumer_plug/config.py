@@ -269,6 +269,16 @@ def config_from_mapping(config_cls: type, values: Any, source: str) -> Any:
         raise UserError(f"{source}: {err}") from None
 
 
+def _finetuned_config(saved: dict, method: str, path: Path) -> dict:
+    """The config fields of a ``finetune`` output's ``method.json``; refuses another method or learned state."""
+    if saved["method"] != method:
+        raise UserError(f"{path} is the method.json of a {saved['method']} finetune, not of {method}")
+    if saved.get("state"):
+        raise UserError(f"{path}: the finetuned {method} has learned state ({saved['state']}) that --config does not "
+                        "load; attach it with pumer_plug.evaluation.training.finetune_io.attach_finetuned")
+    return saved["config"] or {}
+
+
 def read_config_file(path: Path, kind: str = "config file") -> Any:
     """Parses a JSON or YAML file; ``kind`` names it in errors ("config file", "grid file").
 
@@ -327,6 +337,9 @@ def load_method_config(method: str, spec: Any = None) -> Any:
         return config_cls.preset(spec)
     path = Path(spec)
     if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
-        return config_from_mapping(config_cls, read_config_file(path), str(path))
+        data = read_config_file(path)
+        if isinstance(data, dict) and {"method", "config", "adapter"} <= set(data):  # a finetune's method.json
+            data = _finetuned_config(data, method, path)
+        return config_from_mapping(config_cls, data, str(path))
     known = ", ".join(sorted(presets)) or "(none)"
     raise UserError(f"{spec!r} is neither a {method} preset ({known}), a .json/.yaml config file nor inline JSON")

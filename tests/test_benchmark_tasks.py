@@ -144,6 +144,29 @@ def test_finetune_vqav2_raises_val_accuracy(tmp_path, vqa_model, capsys):
     summary = json.loads((output / "finetune.json").read_text())
     assert summary["initial_val_accuracy"] is not None
     assert summary["best_val_accuracy"] >= summary["initial_val_accuracy"] + 0.2, summary
+    # the output folder is a model compare loads (processor saved beside the weights), and its
+    # method.json a --config: PuMer on the finetuned weights scores its best val accuracy again
+    code, out, err = run_cli(["compare", "--task", "vqav2", "--data-dir", str(data), "--model", str(output),
+                              "--methods", "dense,pumer", "--config", f"pumer={output / 'method.json'}",
+                              "--batch-size", "4", "--rounds", "1", "--timing-batches", "1",
+                              "--output", str(tmp_path / "eval")], capsys)
+    assert code == 0, err
+    rows = {r["method"]: r for r in map(json.loads, (tmp_path / "eval" / "results.jsonl").read_text().splitlines())}
+    assert rows["pumer"]["accuracy"] == pytest.approx(summary["best_val_accuracy"], abs=1e-9)
+
+
+def test_a_finetunes_method_json_of_another_method_is_refused(tmp_path):
+    from pumer_plug.config import load_method_config
+    from pumer_plug.errors import UserError
+
+    saved = tmp_path / "method.json"
+    saved.write_text(json.dumps({"method": "tome", "config": {"r": 2}, "adapter": "vilt", "state": None}))
+    assert load_method_config("tome", str(saved)).r == 2
+    with pytest.raises(UserError, match="method.json of a tome finetune, not of pumer"):
+        load_method_config("pumer", str(saved))
+    saved.write_text(json.dumps({"method": "dynamicvit", "config": {}, "adapter": "vilt", "state": "method_state.safetensors"}))
+    with pytest.raises(UserError, match="learned state"):
+        load_method_config("dynamicvit", str(saved))
 
 
 def _compare_args(data: Path, model: Path, output: Path, *extra: str) -> list[str]:
@@ -348,7 +371,7 @@ def test_an_output_file_the_run_did_not_create_is_not_replaced_silently(tmp_path
     data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=4)
     assert run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)[0] == 0
     code, _, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out"), capsys)
-    _one_line_error(code, err, "--overwrite")
+    _one_line_error(code, err, "--overwrite", "nothing was evaluated")  # refused before the first pass
     assert run_cli(_compare_args(data, vqa_model, tmp_path / "out", "--overwrite"), capsys)[0] == 0
 
 
@@ -476,3 +499,13 @@ def test_fixture_tokenizers_read_their_vocabulary(tmp_path):
     processor = AutoProcessor.from_pretrained(save_tiny_vilt(tmp_path / "vilt", "ViltForQuestionAnswering", ("yes",)))
     tokens = processor.tokenizer.convert_ids_to_tokens(processor.tokenizer("Is there a cat?")["input_ids"])
     assert "[UNK]" not in tokens and "cat" in tokens
+
+
+def test_tasks_say_whether_test_is_held_out_from_val(tmp_path, vqa_model):
+    """``tune``/``finetune`` choose on val; VQAv2 and NLVR2 evaluate val/dev by default (not held out)."""
+    from pumer_plug.evaluation.tasks import TaskOptions, get_task
+
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=2)
+    assert not get_task("vqav2", TaskOptions(model=str(vqa_model), data_dir=str(data))).held_out_test_split()
+    assert get_task("vqav2", TaskOptions(model=str(vqa_model), data_dir=str(data), split="test-dev")).held_out_test_split()
+    assert get_task("snli-ve", TaskOptions(model=str(vqa_model), data_dir=str(data))).held_out_test_split()

@@ -33,6 +33,19 @@ def test_rerunning_skips_finished_points_and_measures_only_new_ones(tmp_path):
     assert len(read_records(results)) == 5
 
 
+def test_results_of_another_model_or_subset_are_never_reused(tmp_path):
+    """Resuming is keyed on what was measured: a re-run on another model or ``--limit`` is refused."""
+    import dataclasses
+
+    results = tmp_path / "results.jsonl"
+    run_sweep(TinyTask(), pumer_grid(0.1), results, **FAST)
+    for change in ({"model": "another-model"}, {"limit": 5}, {"data_dir": "other-data"}):
+        task = TinyTask()
+        object.__setattr__(task, "options", dataclasses.replace(task.options, **change))
+        with pytest.raises(UserError, match="measured with other settings"):
+            run_sweep(task, pumer_grid(0.1), results, **FAST)
+
+
 def test_a_config_beyond_the_model_stops_the_sweep_before_anything_is_measured(tmp_path):
     points = pumer_grid(0.1) + pumer_grid(0.1, layers=(5,))  # layer 5 is beyond the tiny model's 2 layers
     with pytest.raises(UserError, match="beyond .* nothing was evaluated"):

@@ -101,8 +101,10 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     check_methods_fit(model, task.adapter, [(spec.method, spec.config) for spec in specs])
     if batch_size is None:
         batch_size = procs.smallest(largest_batch_size(task, model, dev, cast))  # one batch size for every process
-    test = on_device(procs.shard(task.batches("test", batch_size)), dev, cast)
     variants = make_variants(task, specs)
+    if predictions_dir is not None:
+        task.check_outputs(Path(predictions_dir), [v.name for v in variants])  # before the first pass
+    test = on_device(procs.shard(task.batches("test", batch_size)), dev, cast)
     accuracy, scores = {}, {}
     progress = progress and procs.is_main
     with tqdm(desc="accuracy", unit="ex", disable=not progress) as bar:  # counts examples of every variant

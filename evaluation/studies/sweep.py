@@ -401,7 +401,9 @@ def run_sweep(task: Task, points: Sequence[SweepPoint], results_path: str | Path
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = read_records(path)
-    settings = {"task": task.name, "num_test_examples": task.options.num_test_examples}
+    opts = task.options  # what was measured: a row of another model, data or subset is never reused
+    settings = {"task": task.name, "num_test_examples": opts.num_test_examples, "model": opts.model,
+                "data_dir": opts.data_dir, "split": opts.split, "limit": opts.limit}
     _check_settings(records, settings, path)
     done = {r.get("key") for r in records if r.get("status") == "ok"}
     todo = [(p, labels) for p, labels in _unique(points, finetune_base) if p.key(finetune_base) not in done]

@@ -226,6 +226,18 @@ class Task:
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         return path
 
+    def check_outputs(self, folder: Path, names: Sequence[str]) -> None:
+        """Refuses, before any pass, outputs :meth:`write_predictions` would refuse after one; default: none."""
+
+    def held_out_test_split(self) -> bool:
+        """Whether the test split differs from the val split (``tune`` and ``finetune`` choose on val);
+        default: yes."""
+        return True
+
+    def save_model_assets(self, folder: Path) -> None:
+        """Writes what loading the task's model from ``folder`` needs besides the weights (``finetune``
+        calls it beside ``save_pretrained``, so ``--model FOLDER`` loads the finetuned model); default: nothing."""
+
     def run_notes(self) -> dict[str, Any]:
         """What the last scored pass evaluated (subset, skipped images, label coverage), recorded with results; default: none."""
         return {}

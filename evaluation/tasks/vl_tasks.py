@@ -248,6 +248,26 @@ class DataTask(Task):
         model.train(was_training)
         return result
 
+    def check_outputs(self, folder: Path, names: Sequence[str]) -> None:
+        """Raises DataError when a method's folder under ``folder`` already holds files and
+        ``--overwrite`` is off (so a re-run stops before its first pass, not after it)."""
+        if self.options.overwrite:
+            return
+        for name in names:
+            taken = sorted(p.name for p in (Path(folder) / name).glob("*")) if (Path(folder) / name).is_dir() else []
+            if taken:
+                raise DataError(f"{Path(folder) / name} already holds {', '.join(taken)} of an earlier run; choose "
+                                "another output folder or pass --overwrite to replace them; nothing was evaluated")
+
+    def held_out_test_split(self) -> bool:
+        return self.split != self.val_split
+
+    def save_model_assets(self, folder: Path) -> None:
+        """The processor (tokenizer + image processor) beside the finetuned weights, when it can save itself."""
+        processor = self.user_model.processor
+        if hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(folder)
+
     def part_of(self, predictions: Predictions) -> Part:
         """The ``batches()`` call the predictions came from. Raises DataError when there are none."""
         if not predictions.targets:

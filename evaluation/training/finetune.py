@@ -297,6 +297,7 @@ class _Trainer:
         backbone = self.accelerator.unwrap_model(self.student).backbone
         if isinstance(backbone, PreTrainedModel):
             backbone.save_pretrained(self.output_dir, safe_serialization=True)
+            self.task.save_model_assets(self.output_dir)  # e.g. the processor: `--model OUTPUT` loads it
         else:
             save_model(backbone, str(self.output_dir / "model.safetensors"))
         state = self.method.state_dict() if self.method is not None else {}

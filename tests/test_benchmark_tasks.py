@@ -113,6 +113,10 @@ def test_compare_vqav2_writes_official_predictions_whose_accuracy_equals_the_pri
         info = json.loads((output / name / "run_info.json").read_text())
         assert info["examples"] == "6 of 8 questions, seed 0"
         assert f"{100 * row['accuracy']:.2f}" in out  # the printed table shows the same number
+    distinct = {x["answer"] for q in annotations if q["question_id"] in answers for x in q["answers"]}
+    missing = sorted(distinct - set(fx.VQA_FIXTURE_ANSWERS))
+    assert (f"label_coverage: {len(missing)} of {len(distinct)} answers are not in the model's label space "
+            f"(e.g. {', '.join(map(repr, missing))})") in out  # distinct answers, in a stable order
 
 
 def test_finetune_vqav2_lowers_the_training_loss(tmp_path, vqa_model, capsys):
@@ -210,7 +214,8 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, vqa_model, ca
     _one_line_error(code, err, bad.name)
     code, out, err = run_cli(_compare_args(data, vqa_model, tmp_path / "out2", "--skip-bad-images"), capsys)
     assert code == 0, err
-    assert "skipped_images: 2" in out  # the two questions about the bad image
+    assert "skipped_examples: 2" in out  # the two questions about the bad image
+    assert "examples: all 6 questions, 4 scored" in out
     results = json.loads((tmp_path / "out2" / "dense" / "vqav2_val_results.json").read_text())
     assert len(results) == 4
 

@@ -157,5 +157,5 @@ def read_label_predictions(path: Path | str) -> dict[str, str]:
 
 def write_run_info(outputs: RunOutputs, method: str, info: Mapping[str, Any]) -> Path:
     """Writes ``run_info.json``: what was evaluated (e.g. ``{"examples": "2000 of 214354 questions, seed 0",
-    "skipped_images": 0, "label_coverage": "..."}``), so a file never looks like a full-split result."""
+    "skipped_examples": 0, "label_coverage": "..."}``), so a file never looks like a full-split result."""
     return outputs.write_text(method, "run_info.json", json.dumps(dict(info), indent=2, sort_keys=True))

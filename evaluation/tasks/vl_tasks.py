@@ -89,7 +89,8 @@ class Collate:
     def __call__(self, items: list) -> Batch:
         kept = [item for item in items if item[0] is not None]
         if not kept:
-            raise DataError(f"every image of a batch of {len(items)} examples is corrupt; check the image files")
+            raise DataError(f"every image of a batch of {len(items)} examples is corrupt (--skip-bad-images drops "
+                            "corrupt examples from a batch, not whole batches); check the image files or change --batch-size")
         texts = [text for _, text, _ in kept]
         encoded = dict(self.processor.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
                                                 return_tensors="pt"))  # (B, T), T = longest text in the batch
@@ -280,8 +281,9 @@ class DataTask(Task):
         part = self.part_of(predictions)
         outputs = {gid - part.offset: out for gid, out in zip(predictions.targets, predictions.outputs)}
         examples = {i: part.examples[i] for i in outputs}
-        self.notes = {"examples": part.subset.describe(), "split": part.split,
-                      "skipped_images": len(part.examples) - len(outputs)}
+        skipped = len(part.examples) - len(outputs)
+        self.notes = {"examples": part.subset.describe() + (f", {len(outputs)} scored" if skipped else ""),
+                      "split": part.split, "skipped_examples": skipped}  # examples with a corrupt image (--skip-bad-images)
         return part, examples, outputs
 
     def run_notes(self) -> dict[str, Any]:

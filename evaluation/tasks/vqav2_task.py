@@ -96,7 +96,7 @@ class Vqav2Task(DataTask):
             return {self.metric: None}
         if questions[0].answers:
             score = vqa_accuracy(by_qid, questions)
-            coverage = map_labels([a for q in questions for a in set(q.answers)], self.space)[1]
+            coverage = map_labels(sorted({a for q in questions for a in q.answers}), self.space)[1]  # distinct answers
             self.notes.update(metric="official VQA accuracy", label_coverage=coverage.describe())
         else:
             score = soft_score_accuracy(by_qid, questions)

@@ -411,7 +411,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if method is None:
         raise UserError(f"--method takes one reduction method, got {args.method!r}")
     _output_folder(args.output)  # a file there is refused before any work
-    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, model=args.model))
+    task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, model=args.model, data_dir=args.data_dir,
+                                           trust_remote_code=args.trust_remote_code))
     config = load_config(method, args.config) if args.config else task.default_config(method)
     written = []
     for index in args.index if args.image is None else [None]:

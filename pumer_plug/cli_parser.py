@@ -249,6 +249,8 @@ def _show_parser(sub: Any, run: Command) -> None:
     p.add_argument("--image", default=None, help="instead of --index: an image file to draw (with --question)")
     p.add_argument("--question", default=None, help="the question about --image")
     p.add_argument("--model", default=None, help="the model the task loads (tasks on a user's checkpoint)")
+    p.add_argument("--data-dir", default=None, help="the task's data folder (tasks on a user's data: docs/reproduce.md)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model directory's own code run (off by default)")
     p.add_argument("--output", default="results/show", help="output folder (default: results/show)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
     _add_common(p)

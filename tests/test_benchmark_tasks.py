@@ -514,3 +514,14 @@ def test_tasks_say_whether_test_is_held_out_from_val(tmp_path, vqa_model):
     assert not get_task("vqav2", TaskOptions(model=str(vqa_model), data_dir=str(data))).held_out_test_split()
     assert get_task("vqav2", TaskOptions(model=str(vqa_model), data_dir=str(data), split="test-dev")).held_out_test_split()
     assert get_task("snli-ve", TaskOptions(model=str(vqa_model), data_dir=str(data))).held_out_test_split()
+
+
+def test_show_draws_a_users_model_and_data_with_the_reference_answer(tmp_path, vqa_model, capsys):
+    data = fx.write_vqav2(tmp_path / "vqav2", "val", num_questions=2)
+    code, out, err = run_cli(["show", "--task", "vqav2", "--model", str(vqa_model), "--data-dir", str(data),
+                              "--method", "pumer", "--config", json.dumps(METHOD_CONFIGS["pumer"]), "--index", "0", "1",
+                              "--output", str(tmp_path / "show")], capsys)
+    assert code == 0, err
+    # the fixture's first questions: "Is there a cat?" (10 x yes), "How many dogs?" (6 x 2, 3 x 3, two)
+    assert "example 0: answer yes," in out and "example 1: answer 2," in out
+    assert sorted(p.name for p in (tmp_path / "show").glob("*.png")) == ["pumer-test-0.png", "pumer-test-1.png"]

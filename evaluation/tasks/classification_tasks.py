@@ -47,6 +47,10 @@ class LabelTask(DataTask):
             raise UserError(f"--model {self.options.model}: its labels {sorted(names)[:6]} lack {missing}; "
                             f"task {self.name!r} needs a head with the labels {list(self.labels)} (config.id2label)")
 
+    def reference_text(self, example: Any) -> str:
+        gold = self.gold(example)
+        return "?" if gold is None else str(gold)
+
     def train_target(self, example: Any) -> int | None:
         gold = self.gold(example)
         return None if gold is None else int(self.user_model.model.config.label2id[gold])

@@ -260,6 +260,17 @@ class DataTask(Task):
                 raise DataError(f"{Path(folder) / name} already holds {', '.join(taken)} of an earlier run; choose "
                                 "another output folder or pass --overwrite to replace them; nothing was evaluated")
 
+    def reference_text(self, example: Any) -> str:
+        """The reference answer of an example as ``show`` prints it; default: "?" (none)."""
+        return "?"
+
+    def answer_text(self, output: Any) -> str:
+        """Answers read as themselves; a target (the example's position in the run) as its reference."""
+        if isinstance(output, int):
+            part = self.part_of(Predictions(targets=[output]))
+            return self.reference_text(part.examples[output - part.offset])
+        return str(output)
+
     def held_out_test_split(self) -> bool:
         return self.split != self.val_split
 

@@ -12,6 +12,8 @@ Example:
 """
 from __future__ import annotations
 
+import collections
+
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,12 @@ class Vqav2Task(DataTask):
     @property
     def space(self) -> AnswerSpace:
         return AnswerSpace.from_id2label(self.user_model.model.config.id2label)
+
+    def reference_text(self, example: VqaExample) -> str:
+        """The most common annotator answer (or the best-scored one of an arrow table); "?" without answers."""
+        if example.answers:
+            return collections.Counter(example.answers).most_common(1)[0][0]
+        return max(example.answer_scores, key=lambda pair: pair[1])[0] if example.answer_scores else "?"
 
     def train_target(self, example: VqaExample) -> torch.Tensor | None:
         """ViLT's soft scores over the model's labels (B, K); None when no answer is a label."""

@@ -119,7 +119,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for row in rows:  # the task's other metrics (per answer type, IR recall, ...), one line per method
         extra = {k: v for k, v in row.get("metrics", {}).items() if k != task.metric and v is not None}
         if extra:
-            print(f"{row['method']}: " + ", ".join(f"{k} {100 * v:.2f}" if k != "rsum" else f"{k} {v:.2f}"
+            print(f"{row['method']}: " + ", ".join(f"{k} {100 * v:.2f}%" if k != "rsum" else f"{k} {v:.2f}"
                                                      for k, v in extra.items()))
     for key, value in task.run_notes().items():
         print(f"{key}: {value}")

@@ -48,8 +48,9 @@ def test_results_of_another_model_or_subset_are_never_reused(tmp_path):
 
 def test_a_config_beyond_the_model_stops_the_sweep_before_anything_is_measured(tmp_path):
     points = pumer_grid(0.1) + pumer_grid(0.1, layers=(5,))  # layer 5 is beyond the tiny model's 2 layers
-    with pytest.raises(UserError, match="beyond .* nothing was evaluated"):
+    with pytest.raises(UserError, match="beyond .* nothing was evaluated") as info:
         run_sweep(TinyTask(), points, tmp_path / "results.jsonl", **FAST)
+    assert str(info.value).startswith(f"sweep point {points[-1].label!r}: ")  # names the grid's point
     assert not (tmp_path / "results.jsonl").exists() or (tmp_path / "results.jsonl").read_text() == ""
 
 

@@ -303,7 +303,11 @@ def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
     procs = Processes.current(device)  # under accelerate launch: this process's rank and device
     dev = procs.device
     model = task.load_model(dev).eval()
-    check_methods_fit(model, task.adapter, [(p.method, p.config) for p in points])  # before any evaluation
+    for point in points:  # before any evaluation; the error names the grid's point
+        try:
+            check_methods_fit(model, task.adapter, [(point.method, point.config)])
+        except UserError as error:
+            raise UserError(f"sweep point {point.label!r}: {error}") from error
     test = on_device(procs.shard(task.batches("test", batch_size)), dev, torch.float32)
     env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(), "eager")
     timing = [x for x, _ in itertools.islice(test, timing_batches)] if procs.is_main else []

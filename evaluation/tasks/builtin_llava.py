@@ -228,7 +228,7 @@ def load_builtin_llava(cache_dir: str | Path | None = None, retrain: bool = Fals
             warnings.warn(f"pumer-plug: built-in LLaVA cache {model_dir} is unusable ({reason}); retraining",
                           stacklevel=2)
     if progress:
-        print(f"pumer-plug: training the built-in LLaVA into {model_dir} (once; 9-13 minutes on 2 CPU cores)",
+        print(f"pumer-plug: training the built-in LLaVA into {model_dir} (once; about 9 minutes on 2 idle CPU cores)",
               file=sys.stderr)
     _train_into_cache(model_dir, progress, seed)
     return _load_checked(model_dir)

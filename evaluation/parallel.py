@@ -1,4 +1,4 @@
-"""Data-parallel accuracy passes under ``accelerate launch``; timing stays on one device.
+"""Data-parallel accuracy passes under ``accelerate launch`` or ``torchrun``; timing stays on one device.
 
 ``compare``, ``sweep`` and ``finetune`` run unchanged in one process. Started by ``accelerate
 launch --num_processes N -m pumer_plug.cli ...`` (or ``torchrun``), every process loads the model on
@@ -62,8 +62,7 @@ class Processes:
         """The processes of this run; under a launcher, joins its process group (``accelerate.PartialState``).
 
         Raises:
-            UserError: several processes and a device with an index (``--device cuda:1``), or
-                several processes that share one CUDA device.
+            UserError: several processes and a device with an index (``--device cuda:1``).
         """
         import torch
 
@@ -137,6 +136,7 @@ class Processes:
         from accelerate.utils import gather_object
 
         return min(gather_object([value]))
+
 
 def is_main_process() -> bool:
     """Whether this is the process that prints and writes files (rank 0, or the only one)."""

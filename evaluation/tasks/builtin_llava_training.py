@@ -165,7 +165,8 @@ def fit_llava(model: LlavaForConditionalGeneration, stages: list[tuple[DigitsVQA
 
     One warm-up + cosine schedule (down to 5% of the peak) spans all stages, stepped by the shared
     loop (:func:`~pumer_plug.evaluation.training.loop.train_steps`). The auxiliary heads are built
-    here and discarded at the end.
+    here and discarded at the end. ``task_layout=False`` numbers the decoder's positions plainly on
+    every canvas (the format-3 recipe, kept for the ablation in docs/benchmarks.md).
 
     Raises:
         ValueError: a stage's dataset holds fewer than ``steps * batch_size`` examples.

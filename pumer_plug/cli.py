@@ -189,9 +189,9 @@ def _compare_generative(task: Any, specs: list, args: argparse.Namespace) -> int
     rows = run_decoder_compare(task, specs, batch_size=args.batch_size, rounds=args.rounds)
     if not is_main_process():
         return 0
-    print(format_decoder_table(rows))
     references = task.reference_accuracies()
-    print(format_references(references))
+    print(format_decoder_table(rows, references))
+    print(format_references(references, rows))
     paths = write_decoder_results(rows, args.output, references)
     print(f"\nwritten: {paths['jsonl']} and {paths['markdown']}")
     return 0
@@ -302,7 +302,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"finetuned {method} for {result.epochs_run} epoch(s), {result.steps} steps, {result.seconds:.0f} s"
           f"{' (stopped early)' if result.stopped_early else ''}")
     if initial is not None:
-        print(f"val accuracy: {100 * initial:.2f}% before, {100 * result.best_val_accuracy:.2f}% best (epoch {result.best_epoch + 1})")
+        print(f"val accuracy: {100 * initial:.2f}% before, {100 * result.best_val_accuracy:.2f}% best "
+              f"(epoch {result.best_epoch + 1} of {result.epochs_run}; finetune.json and metrics.jsonl count epochs "
+              f"from 0: best_epoch {result.best_epoch})")
     print(f"written: {output} (weights, method.json, metrics.jsonl, finetune.json, checkpoint/)")
     return 0
 
@@ -373,7 +375,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.studies.report import format_table, write_results
+    from pumer_plug.evaluation.studies.report import format_references, format_table, write_results
     from pumer_plug.evaluation.studies.tune import format_result, run_tune
     from pumer_plug.evaluation.tasks import get_task
 
@@ -390,16 +392,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if result.rows and not task.held_out_test_split():
         print(f"note: task {task.name!r} evaluates the split it tuned on (--split {task.split}, the val split too): "
               "the test row is not held out")
-    if result.rows and task.generates:  # a decoder VLM's rows: time to first token, decode tokens/s, KV cache
+    if not result.rows:
+        return 0
+    references = task.reference_accuracies()
+    if task.generates:  # a decoder VLM's rows: time to first token, decode tokens/s, KV cache
         from pumer_plug.evaluation.studies.decoder_compare import format_decoder_table, write_decoder_results
 
-        print(format_decoder_table(result.rows))
-        write_decoder_results(result.rows, output)
-    elif result.rows:
-        print(format_table(result.rows))
-        write_results(result.rows, output)
-        print(f"\nwritten: {result.config_path} (pumer-plug compare --methods dense,{method} "
-              f"--config {method}={result.config_path}), {output}/frontier.jsonl, {output}/results.jsonl")
+        print(format_decoder_table(result.rows, references))
+        write_decoder_results(result.rows, output, references)
+    else:
+        print(format_table(result.rows, references=references))
+        write_results(result.rows, output, references)
+    if references:
+        print(format_references(references, result.rows))
+    print(f"\nwritten: {result.config_path} (pumer-plug compare --methods dense,{method} "
+          f"--config {method}={result.config_path}), {output}/frontier.jsonl, {output}/results.jsonl")
     return 0
 
 

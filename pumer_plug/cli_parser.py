@@ -138,7 +138,9 @@ def _bench_parser(sub: Any, run: Command) -> None:
 
 def _train_parser(sub: Any, run: Command) -> None:
     p = sub.add_parser("train", help="(re)train a built-in digits VQA model (--model vilt or llava) and cache it",
-                       description="Train a built-in digits-VQA model (the ViLT, or with --model llava the LLaVA) from scratch (about 8 minutes on 2 idle CPU cores) and "
+                       description="Train a built-in digits-VQA model (the ViLT, or with --model llava the LLaVA) from scratch (about 8 "
+                                   "minutes for the ViLT, 9 for the LLaVA, on 2 idle CPU cores; longer when other jobs share them; "
+                                   "one progress bar per curriculum stage) and "
                                    "replace the cached model that compare, finetune and sweep use; prints its val "
                                    "accuracy per question type next to the majority-answer and question-only baselines.")
     p.add_argument("--model", choices=("vilt", "llava"), default="vilt",
@@ -218,7 +220,7 @@ def _tune_parser(sub: Any, run: Command) -> None:
     p.add_argument("--target-speedup", type=_positive_float, required=True, help="speed-up over the dense model, e.g. 1.5")
     p.add_argument("--measure", choices=("flops", "throughput"), default="flops",
                    help="what must reach the target: FLOPs speed-up, or throughput measured interleaved (default: flops)")
-    p.add_argument("--budget", type=_positive_int, default=40, help="trials the study should have finished, resumed ones included (default: 40)")
+    p.add_argument("--budget", type=_positive_int, default=40, help="distinct configs the study should have tried, resumed trials included; a config drawn again is not re-run and not counted (default: 40)")
     p.add_argument("--task", default="builtin", help="task name (default: builtin)")
     p.add_argument("--num-val-examples", type=_positive_int, default=256, help="val examples per trial (default: 256)")
     p.add_argument("--num-test-examples", type=_positive_int, default=None, help="test split size (default: the task's)")

@@ -148,6 +148,8 @@ def test_finetune_vqav2_raises_val_accuracy(tmp_path, vqa_model, capsys):
     summary = json.loads((output / "finetune.json").read_text())
     assert summary["initial_val_accuracy"] is not None
     assert summary["best_val_accuracy"] >= summary["initial_val_accuracy"] + 0.2, summary
+    best = summary["best_epoch"]  # counted from 0 in the files, from 1 where printed; the line says both
+    assert f"(epoch {best + 1} of {summary['epochs_run']}; " in out and f"best_epoch {best})" in out
     # the output folder is a model compare loads (processor saved beside the weights), and its
     # method.json a --config: PuMer on the finetuned weights scores its best val accuracy again
     code, out, err = run_cli(["compare", "--task", "vqav2", "--data-dir", str(data), "--model", str(output),

@@ -10,6 +10,7 @@ from transformers import LlavaForConditionalGeneration
 
 from pumer_plug.cli import main
 from pumer_plug.evaluation.tasks import builtin, builtin_llava, digits, get_task
+from pumer_plug.evaluation.studies.report import format_references
 from pumer_plug.evaluation.tasks.base import TaskOptions, attach_method
 from pumer_plug.evaluation.tasks.builtin_llava_data import build_llava_tokenizer, collate_llava, token_ids
 from pumer_plug.evaluation.tasks.builtin_llava_training import (AuxiliaryHeads, curriculum_data, first_token_accuracy,
@@ -237,3 +238,41 @@ def test_task_positions_place_a_small_canvas_where_the_task_canvas_has_it():
     data = DigitsVQA("val", 8, seed=3)
     mask = collate_llava(data.examples, tokenizer)[0]["attention_mask"]
     assert torch.equal(task_positions(mask, 12), (mask.cumsum(-1) - 1).clamp(min=0))
+
+
+# -- bad input on the built-in decoder VLM: one line, before any evaluation -------------------------------
+@pytest.mark.parametrize("command", ["compare", "show", "sweep"])
+@pytest.mark.parametrize("method", ["fastv", "random"])
+def test_a_keep_budget_above_the_image_tokens_is_refused_before_any_evaluation(tiny_cache, tmp_path, capsys,
+                                                                               command, method):
+    output = tmp_path / "out"
+    config = json.dumps({"layer": 1, "keep_tokens": 500})
+    if command == "sweep":
+        grid = tmp_path / "grid.json"
+        grid.write_text(json.dumps({"name": "big", "points": [{"method": method, "configs": [json.loads(config)]}]}))
+        argv = ["sweep", "--task", "builtin-llava", "--grid", str(grid), "--num-test-examples", "4", "--batch-size", "4"]
+    else:
+        argv = [command, "--task", "builtin-llava", "--config", config]
+        argv += ["--methods", f"dense,{method}"] if command == "compare" else ["--method", method]
+    assert main([*argv, "--output", str(output)]) == 2
+    captured = capsys.readouterr()
+    assert "keep_tokens=500 exceeds the 144 image tokens" in captured.err and "Traceback" not in captured.err
+    assert len([line for line in captured.err.splitlines() if line.startswith("pumer-plug: error")]) == 1
+    assert "acc %" not in captured.out and not output.exists()  # nothing evaluated, nothing written
+
+
+def test_show_refuses_an_index_past_the_split(tiny_cache, tmp_path, capsys):
+    assert main(["show", "--task", "builtin-llava", "--method", "fastv", "--index", "99999",
+                 "--output", str(tmp_path / "show")]) == 2
+    assert "split 'test' has 6 examples (--index 0..5), no example 99999" in capsys.readouterr().err
+
+
+def test_decoder_table_marks_accuracies_below_the_trivial_predictors():
+    from pumer_plug.evaluation.studies.decoder_compare import COLUMNS, format_decoder_table
+
+    rows = [{key: 1.0 for key in COLUMNS.values()} | {"method": m, "config": "-", "accuracy": a}
+            for m, a in [("dense", 0.96), ("pool", 0.257)]]
+    references = {"majority answer": 0.18, "question-only prior": 0.318}
+    lines = format_decoder_table(rows, references).splitlines()
+    assert "96.0 !" not in lines[2] and "25.7 !" in lines[3]
+    assert "! below the question-only prior (31.8%)" in format_references(references, rows) and "pool" in format_references(references, rows)

@@ -38,13 +38,41 @@ def test_tune_meets_a_flops_target_and_writes_a_config_compare_accepts(tmp_path)
     assert sum(f["chosen"] for f in frontier) == 1 and all(f["flops_speedup"] >= 1.3 for f in frontier)
 
 
+def _distinct_configs(trials) -> int:
+    return len({json.dumps(t.user_attrs["config"], sort_keys=True) for t in trials})
+
+
 def test_tune_resumes_from_its_study(tmp_path):
     run_tune(TinyTask(), "smres", 1.2, budget=3, output_dir=tmp_path, evaluate_test=False, **FAST)
-    assert len(_study(tmp_path).trials) == 3
+    first = _study(tmp_path).trials
+    assert _distinct_configs(first) == 3
     run_tune(TinyTask(), "smres", 1.2, budget=3, output_dir=tmp_path, evaluate_test=False, **FAST)
-    assert len(_study(tmp_path).trials) == 3  # budget already spent: nothing new
+    assert len(_study(tmp_path).trials) == len(first)  # budget already spent: nothing new
     again = run_tune(TinyTask(), "smres", 1.2, budget=5, output_dir=tmp_path, evaluate_test=False, **FAST)
-    assert len(_study(tmp_path).trials) == 5 and again.chosen is not None
+    assert _distinct_configs(_study(tmp_path).trials) == 5 and again.chosen is not None
+
+
+def test_a_config_drawn_again_reuses_its_result_and_does_not_spend_the_budget(tmp_path, monkeypatch):
+    original = Pumer.suggest_config.__func__
+
+    def suggest(cls, trial, num_layers, placement="encoder-layer"):
+        config = original(cls, trial, num_layers, placement)
+        return PumerConfig(reduction_layers=(0,), prune_ratio=0.5) if trial.number < 3 else config
+
+    monkeypatch.setattr(Pumer, "suggest_config", classmethod(suggest))
+    passes = []
+    predictions = TinyTask.predictions
+    monkeypatch.setattr(TinyTask, "predictions", lambda self, *a, **k: passes.append(1) or predictions(self, *a, **k))
+    result = run_tune(TinyTask(), "pumer", 1.01, budget=3, rungs=1, output_dir=tmp_path, evaluate_test=False, **FAST)
+    trials = _study(tmp_path).trials
+    assert [t.value for t in trials[:3]] == [trials[0].value] * 3  # trials 1 and 2: trial 0's result
+    import optuna
+
+    scored = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
+    assert len(passes) == len(scored)  # one val pass per config scored; none for the two repeats
+    assert _distinct_configs(trials) == 3 and len(trials) >= 5  # the budget counts distinct configs
+    assert result.counts["repeated (not re-run)"] == 2
+    assert len(result.frontier) == _distinct_configs(trials)  # one candidate per config
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):

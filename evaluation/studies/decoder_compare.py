@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -25,7 +25,8 @@ from pumer_plug.evaluation.decoder_bench import kv_cache_bytes
 from pumer_plug.evaluation.measure import attached, environment_record
 from pumer_plug.evaluation.parallel import Processes
 from pumer_plug.evaluation.studies.compare import MethodSpec, make_variants
-from pumer_plug.evaluation.tasks.base import Task
+from pumer_plug.evaluation.studies.report import below_references, format_references
+from pumer_plug.evaluation.tasks.base import Task, check_methods_fit
 
 # Printed header -> row key, in the printed order (the table stays within 120 columns).
 COLUMNS = {"method": "method", "config": "config", "kept": "image_tokens_kept", "acc %": "accuracy",
@@ -70,12 +71,18 @@ def run_decoder_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int
                         new_tokens: int = 8, progress: bool = True) -> list[dict[str, Any]]:
     """Accuracy, time to first token, decode tokens/s, KV-cache MiB and prefill GFLOPs per variant (CPU, float32).
 
+    Raises:
+        UserError: a method's config does not fit the model or the task's image tokens (before any pass).
+
     Returns:
         One row per variant (dense first): the ``COLUMNS`` keys and the environment record; ``[]``
         on a process other than the main one under ``accelerate launch``.
     """
     procs = Processes.current("cpu")  # under accelerate launch: every process scores its share of the batches
     model = task.load_model(torch.device("cpu")).eval()
+    inputs, _ = next(iter(task.batches("test", 1, 1)))  # the timed prompt
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    check_methods_fit(model, task.adapter, [(s.method, s.config) for s in specs], image_tokens)
     variants = make_variants(task, specs)
     accuracy = {}
     test = procs.shard(task.batches("test", batch_size))
@@ -84,8 +91,6 @@ def run_decoder_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int
             accuracy[variant.name] = procs.accuracy(task, model, test)
     if not procs.is_main:  # timing: the main process alone
         return []
-    inputs, _ = next(iter(task.batches("test", 1, 1)))
-    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     prompt_tokens = inputs["input_ids"].shape[1]
     ttft = {v.name: [] for v in variants}
     decode = {v.name: [] for v in variants}
@@ -122,11 +127,15 @@ def run_decoder_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int
     return rows
 
 
-def format_decoder_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The printed table: one line per variant, at most 120 columns (``tok/s``: decode tokens/s)."""
-    def cell(key: str, value: Any) -> Any:
+def format_decoder_table(rows: Sequence[dict[str, Any]], references: Mapping[str, float] | None = None) -> str:
+    """The printed table: one line per variant, at most 120 columns (``tok/s``: decode tokens/s).
+    An accuracy below the highest of ``references`` (trivial predictors) is marked ``!``, as in
+    :func:`~pumer_plug.evaluation.studies.report.format_table`."""
+    flagged = set(below_references(rows, references))
+
+    def cell(key: str, value: Any, row: dict[str, Any]) -> Any:
         if key == "accuracy":
-            return f"{100 * value:.1f}"
+            return f"{100 * value:.1f}" + (" !" if row["method"] in flagged else "")
         if key == "config":
             value = value.replace("layers=", "L=")
             return value if len(value) <= 24 else value[:23] + "~"
@@ -134,7 +143,7 @@ def format_decoder_table(rows: Sequence[dict[str, Any]]) -> str:
             return f"{value:+.1f}" if key == "accuracy_change_points" else f"{value:.3g}"
         return value
 
-    table = [list(COLUMNS)] + [[str(cell(k, row[k])) for k in COLUMNS.values()] for row in rows]
+    table = [list(COLUMNS)] + [[str(cell(k, row[k], row)) for k in COLUMNS.values()] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
              for line in table]
@@ -149,8 +158,8 @@ def write_decoder_results(rows: Sequence[dict[str, Any]], output: str | Path,
     jsonl, markdown = folder / "results.jsonl", folder / "results.md"
     with jsonl.open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    text = "```\n" + format_decoder_table(rows) + "\n```\n"
+    text = "```\n" + format_decoder_table(rows, references) + "\n```\n"
     if references:
-        text += "\n" + "\n".join(f"- {name}: {100 * acc:.1f} %" for name, acc in references.items()) + "\n"
+        text += "\n" + format_references(references, rows) + "\n"
     markdown.write_text(text)
     return {"jsonl": jsonl, "markdown": markdown}

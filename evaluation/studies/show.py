@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from pumer_plug.errors import UserError
-from pumer_plug.evaluation.tasks.base import Batch, Task, attach_method
+from pumer_plug.evaluation.tasks.base import Batch, Task, attach_method, check_methods_fit
 from pumer_plug.ops.sources import PatchGroups, SourceTrace, patch_groups, token_groups, trace_sources
 
 GREY = (0.55, 0.55, 0.55)
@@ -73,10 +73,12 @@ def example(task: Task, split: str, index: int) -> Batch:
     Raises:
         UserError: the split has fewer than ``index + 1`` examples.
     """
-    for i, batch in enumerate(task.batches(split, 1, index + 1)):
-        if i == index:
+    count = 0
+    for count, batch in enumerate(task.batches(split, 1, index + 1), start=1):
+        if count == index + 1:
             return batch
-    raise UserError(f"task {task.name!r} split {split!r} has no example {index}")
+    raise UserError(f"task {task.name!r} split {split!r} has {count} examples (--index 0..{count - 1}), "
+                    f"no example {index}")
 
 
 def _image_array(pixels: torch.Tensor) -> np.ndarray:
@@ -112,6 +114,7 @@ def trace_example(model: nn.Module, task: Task, method: str, config: Any, batch:
         UserError: the backbone has no image grid its adapter can place, or the method does not fit.
     """
     inputs, target = batch
+    check_methods_fit(model, task.adapter, [(method, config)], task.image_tokens(inputs))
     dense = task.predictions(model, [(inputs, target)])
     with attach_method(model, task.adapter, method, config) as handle:
         trace = trace_sources(handle)

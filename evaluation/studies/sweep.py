@@ -303,14 +303,15 @@ def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
     procs = Processes.current(device)  # under accelerate launch: this process's rank and device
     dev = procs.device
     model = task.load_model(dev).eval()
+    test = on_device(procs.shard(task.batches("test", batch_size)), dev, torch.float32)
+    timing = [x for x, _ in itertools.islice(test, timing_batches)] if procs.is_main else []
+    image_tokens = task.image_tokens(timing[0]) if timing else None
     for point in points:  # before any evaluation; the error names the grid's point
         try:
-            check_methods_fit(model, task.adapter, [(point.method, point.config)])
+            check_methods_fit(model, task.adapter, [(point.method, point.config)], image_tokens)
         except UserError as error:
             raise UserError(f"sweep point {point.label!r}: {error}") from error
-    test = on_device(procs.shard(task.batches("test", batch_size)), dev, torch.float32)
     env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(), "eager")
-    timing = [x for x, _ in itertools.islice(test, timing_batches)] if procs.is_main else []
     ref = _Reference(task, procs, model, test, timing, dev, {**env, "task": task.name, "metric": task.metric,
                                                              "accuracy_processes": procs.count})
     ref.accuracy = procs.accuracy(task, model, test)
@@ -318,7 +319,7 @@ def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
         return ref
     ref.memory = measure_peak_memory(model, ref.timing[0], None, device=dev)
     ref.gflops = measure_flops(model, ref.timing[0], None, device=dev)
-    ref.image_tokens = task.image_tokens(ref.timing[0])
+    ref.image_tokens = image_tokens
     return ref
 
 

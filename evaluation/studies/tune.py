@@ -125,6 +125,15 @@ class _Objective:
     def _run(self, trial: Any, optuna: Any) -> float:
         config = METHODS.get(self.method).suggest_config(trial, self.num_layers, self.placement)
         trial.set_user_attr("config", config_to_dict(config))
+        earlier = _same_config(trial, optuna)
+        if earlier is not None:  # the sampler drew a config already scored: reuse its result, no second pass
+            trial.set_user_attr("duplicate_of", earlier.number)
+            for key in ("flops_speedup", "error"):
+                if key in earlier.user_attrs:
+                    trial.set_user_attr(key, earlier.user_attrs[key])
+            if earlier.state == optuna.trial.TrialState.COMPLETE:
+                return earlier.value
+            raise optuna.TrialPruned(f"same config as trial {earlier.number}, which did not complete")
         attach = lambda model: attach_method(model, self.task.adapter, self.method, config)  # noqa: E731
         speedup = self.dense_gflops / measure_flops(self.model, self.val[0][0], attach)
         trial.set_user_attr("flops_speedup", speedup)
@@ -141,6 +150,25 @@ class _Objective:
                 if step < len(self.chunks) - 1 and trial.should_prune():
                     raise optuna.TrialPruned(f"val accuracy {accuracy:.3f} after rung {step}")
         return accuracy
+
+
+def _config_key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def _same_config(trial: Any, optuna: Any) -> Any:
+    """The first finished, not itself duplicate, trial of ``trial``'s study with the same config; None if none."""
+    key = _config_key(trial.user_attrs["config"])
+    for t in trial.study.get_trials(deepcopy=False):
+        if (t.number != trial.number and t.state.is_finished() and "duplicate_of" not in t.user_attrs
+                and "config" in t.user_attrs and _config_key(t.user_attrs["config"]) == key):
+            return t
+    return None
+
+
+def _distinct_finished(study: Any) -> int:
+    """Finished trials that drew a config no earlier trial had (the ones ``--budget`` counts)."""
+    return sum(t.state.is_finished() and "duplicate_of" not in t.user_attrs for t in study.trials)
 
 
 def candidates(study: Any, method: str) -> list[Candidate]:
@@ -178,7 +206,8 @@ def run_tune(task: Task, method: str, target_speedup: float, *, measure: str = "
 
     Args:
         measure: ``"flops"`` (FLOPs speed-up meets the target) or ``"throughput"`` (confirmed by timing).
-        budget: trials the study should have finished in all (resumed trials count).
+        budget: distinct configs the study should have tried in all (resumed trials count; a config
+            the sampler draws again reuses the earlier result and does not count).
         flops_margin: the FLOPs gate is ``target_speedup * flops_margin``; default 1.0 for ``flops``,
             1.1 for ``throughput`` (a reduction's FLOPs speed-up exceeds its measured one on CPUs).
         confirm: with ``throughput``, how many of the most accurate trials are timed.
@@ -203,11 +232,11 @@ def run_tune(task: Task, method: str, target_speedup: float, *, measure: str = "
     dense_val = task.accuracy(model, val)
     gate = target_speedup * (flops_margin if flops_margin is not None else (1.1 if measure == "throughput" else 1.0))
     study = open_study(output, f"{task.name}-{method}-x{target_speedup:g}-{measure}-n{num_val_examples}", seed)
-    finished = [t for t in study.trials if t.state.is_finished()]
-    remaining = max(0, budget - len(finished))
-    if remaining:
-        objective = _Objective(task, model, method, adapter.num_layers, val, dense_gflops, gate, rungs, where)
+    objective = _Objective(task, model, method, adapter.num_layers, val, dense_gflops, gate, rungs, where)
+    draws = 0  # a small search space may hold fewer than `budget` configs: stop drawing after 3 x budget
+    while (remaining := budget - _distinct_finished(study)) > 0 and draws < 3 * budget:
         study.optimize(objective, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
+        draws += remaining
     found = candidates(study, method)
     chosen = found[0] if found else None
     if measure == "throughput" and found:
@@ -215,7 +244,9 @@ def run_tune(task: Task, method: str, target_speedup: float, *, measure: str = "
         met = [c for c in found[:confirm] if c.throughput_speedup >= target_speedup]
         chosen = met[0] if met else max(found[:confirm], key=lambda c: c.throughput_speedup)
     met_target = chosen is not None and (chosen.throughput_speedup if measure == "throughput" else chosen.flops_speedup) >= target_speedup
-    counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in _optuna().trial.TrialState}
+    distinct = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
+    counts = {s.name.lower(): sum(t.state == s for t in distinct) for s in _optuna().trial.TrialState}
+    counts["repeated (not re-run)"] = len(study.trials) - len(distinct)
     result = TuneResult(method, target_speedup, measure, chosen, found, dense_val, met_target=met_target,
                         counts={k: v for k, v in counts.items() if v})
     _write_summary(output, result)

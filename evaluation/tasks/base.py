@@ -130,16 +130,30 @@ def attach_method(model: nn.Module, adapter: str, method: str, config: Any) -> A
         raise UserError(f"{method} on this model: {error}") from error
 
 
-def check_methods_fit(model: nn.Module, adapter: str, methods: Iterable[tuple[str, Any]]) -> None:
+def check_methods_fit(model: nn.Module, adapter: str, methods: Iterable[tuple[str, Any]],
+                      image_tokens: int | None = None) -> None:
     """Attaches and removes every ``(method, config)`` once, so that a config which does not fit the
     model (e.g. a reduction layer beyond its depth) fails before any evaluation starts.
 
+    Args:
+        image_tokens: image tokens per example of the task (``Task.image_tokens``), when known: a
+            budget that does not fit them (e.g. FastV ``keep_tokens`` above them) is refused here
+            too, not at the first forward.
+
     Raises:
-        UserError: the first ``(method, config)`` that ``apply()`` refuses, naming the method and config.
+        UserError: the first ``(method, config)`` that ``apply()`` or the method's
+            ``check_image_tokens`` refuses, naming the method and config.
     """
     for method, config in methods:
         try:
-            attach_method(model, adapter, method, config).remove()
+            handle = attach_method(model, adapter, method, config)
+            try:
+                if image_tokens is not None:
+                    handle.method.check_image_tokens(image_tokens)
+            except ValueError as error:
+                raise UserError(f"{method} on this task: {error}") from error
+            finally:
+                handle.remove()
         except UserError as error:
             raise UserError(f"{error} (config: {config.describe()}); nothing was evaluated") from error
 

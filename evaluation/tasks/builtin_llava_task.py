@@ -70,12 +70,19 @@ class BuiltinLlavaTask(Task):
         """
         if split not in SPLITS:
             raise UserError(f"task {self.name!r} has no split {split!r}; splits: {', '.join(SPLITS)}")
-        sizes = {"train": 2048, "val": builtin_llava.NUM_VAL_EXAMPLES, "test": self.options.num_test_examples}
-        return DigitsVQA(split, num_examples or sizes[split], seed=0)
+        return DigitsVQA(split, num_examples or self.split_sizes[split], seed=0)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": 2048, "val": builtin_llava.NUM_VAL_EXAMPLES, "test": self.options.num_test_examples}
 
     def batches(self, split: str, batch_size: int, num_examples: int | None = None) -> Iterable[Batch]:
-        """Left-padded prompts and the answer-word token ids (B,) as targets."""
-        data, tokenizer = self.dataset(split, num_examples), self.tokenizer
+        """Left-padded prompts and the answer-word token ids (B,) as targets; at most ``num_examples``
+        of the split's examples (never more than the split holds)."""
+        if split not in SPLITS:
+            raise UserError(f"task {self.name!r} has no split {split!r}; splits: {', '.join(SPLITS)}")
+        size = self.split_sizes[split]
+        data, tokenizer = self.dataset(split, min(num_examples or size, size)), self.tokenizer
 
         def make():
             for start in range(0, len(data), batch_size):

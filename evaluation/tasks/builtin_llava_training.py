@@ -194,11 +194,10 @@ def fit_llava(model: LlavaForConditionalGeneration, stages: list[tuple[DigitsVQA
         terms = step_losses(model, heads, *batch, tokenizer, digit_word_ids, task_layout)
         return {k: v if k == "answer" else aux_weight * v for k, v in terms.items()}
 
-    with tqdm(total=total_steps, disable=not progress, desc="training built-in LLaVA", unit="step") as bar:
-        for k, (data, steps) in enumerate(stages):
-            if len(stages) > 1 and len(data):
-                bar.set_description(f"training built-in LLaVA, stage {k + 1}/{len(stages)} "
-                                    f"({data.examples[0].canvas_px} px)")
+    for k, (data, steps) in enumerate(stages):  # one bar per stage: its steps differ in cost, so does its ETA
+        canvas = f" ({data.examples[0].canvas_px} px)" if len(data) else ""
+        with tqdm(total=steps, disable=not progress, desc=f"training built-in LLaVA, stage {k + 1}/{len(stages)}{canvas}",
+                  unit="step") as bar:
             for values in train_steps(stage_batches(data, steps), losses, optimizer, scheduler, model.parameters()):
                 history.append({key: v for key, v in values.items() if key != "loss"})
                 bar.update()

@@ -86,7 +86,9 @@ class BuiltinDigitsTask(Task):
         return DigitsVQA(split, num_examples or self.split_sizes[split], seed=0, tokenizer=self._tokenizer)
 
     def batches(self, split: str, batch_size: int, num_examples: int | None = None) -> Iterable[Batch]:
-        data = self.dataset(split, num_examples)
+        """The split's examples, at most ``num_examples`` of them (never more than the split holds)."""
+        size = self.split_sizes.get(split)
+        data = self.dataset(split, None if size is None else min(num_examples or size, size))  # unknown split: refused
         return Reiterable(lambda: data.batches(batch_size))
 
     def train_batches(self, batch_size: int, seed: int, num_examples: int) -> Sequence[Batch]:

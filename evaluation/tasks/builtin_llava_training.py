@@ -29,13 +29,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from pumer_plug.evaluation.training.loop import decay_groups, schedule, train_steps
+from pumer_plug.evaluation.training.loop import decay_groups, schedule
 
 from .builtin_llava_data import collate_llava, num_image_tokens, token_ids
-from .builtin_training import AuxiliaryHeads, Stage, auxiliary_targets, grounding_losses
+from .builtin_training import AuxiliaryHeads, Stage, auxiliary_targets, grounding_losses, run_stages
 from .digits import CANVAS_PX, PATCH_PX, DigitsVQA, Example
 
 #: 48 px (V = 9), 96 px (V = 36), then the task's 192 px (V = 144)
@@ -181,7 +180,6 @@ def fit_llava(model: LlavaForConditionalGeneration, stages: list[tuple[DigitsVQA
     optimizer = torch.optim.AdamW(decay_groups(trained, weight_decay), lr=learning_rate, betas=(0.9, 0.98))
     scheduler = schedule(optimizer, "cosine", total_steps, warmup_fraction, min_lr_rate=0.05)
     model.train()
-    history: list[dict[str, float]] = []
 
     def stage_batches(data: DigitsVQA, steps: int) -> Iterator[tuple]:
         for step in range(steps):
@@ -194,16 +192,7 @@ def fit_llava(model: LlavaForConditionalGeneration, stages: list[tuple[DigitsVQA
         terms = step_losses(model, heads, *batch, tokenizer, digit_word_ids, task_layout)
         return {k: v if k == "answer" else aux_weight * v for k, v in terms.items()}
 
-    for k, (data, steps) in enumerate(stages):  # one bar per stage: its steps differ in cost, so does its ETA
-        canvas = f" ({data.examples[0].canvas_px} px)" if len(data) else ""
-        with tqdm(total=steps, disable=not progress, desc=f"training built-in LLaVA, stage {k + 1}/{len(stages)}{canvas}",
-                  unit="step") as bar:
-            for values in train_steps(stage_batches(data, steps), losses, optimizer, scheduler, model.parameters()):
-                history.append({key: v for key, v in values.items() if key != "loss"})
-                bar.update()
-                if len(history) % 10 == 1:
-                    bar.set_postfix({key: f"{np.mean([h[key] for h in history[-20:]]):.2f}"
-                                     for key in ("answer", "patch", "layout")})
+    history = run_stages("built-in LLaVA", stages, stage_batches, losses, optimizer, scheduler, model, progress)
     model.eval()
     return history
 

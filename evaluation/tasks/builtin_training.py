@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -237,7 +237,6 @@ def fit(model: ViltForQuestionAnswering, stages: list[tuple[DigitsVQA, int]], ba
     optimizer = torch.optim.AdamW(decay_groups(trained, weight_decay), lr=learning_rate, betas=(0.9, 0.98))
     scheduler = schedule(optimizer, "cosine", total_steps, warmup_fraction, min_lr_rate=0.05)
     model.train()
-    history: list[dict[str, float]] = []
 
     def stage_batches(data: DigitsVQA, steps: int) -> Iterator[tuple]:
         for step in range(steps):
@@ -248,9 +247,20 @@ def fit(model: ViltForQuestionAnswering, stages: list[tuple[DigitsVQA, int]], ba
         inputs, answer_ids, examples = batch
         return step_losses(model, heads, inputs, answer_ids, examples, digit_word_ids)
 
-    for k, (data, steps) in enumerate(stages):  # one bar per stage: its steps differ in cost, so does its ETA
+    history = run_stages("built-in ViLT", stages, stage_batches, losses, optimizer, scheduler, model, progress)
+    model.eval()
+    return history
+
+
+def run_stages(name: str, stages: list[tuple[DigitsVQA, int]], stage_batches: Callable[[DigitsVQA, int], Iterator[Any]],
+               losses: Callable[[Any], dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer, scheduler: Any,
+               model: nn.Module, progress: bool) -> list[dict[str, float]]:
+    """The curriculum's steps, stage after stage, through the shared loop; one progress bar per stage
+    (a stage's steps differ in cost from the others', so does its ETA). Returns the per-step loss terms."""
+    history: list[dict[str, float]] = []
+    for k, (data, steps) in enumerate(stages):
         canvas = f" ({data.examples[0].canvas_px} px)" if len(data) else ""
-        with tqdm(total=steps, disable=not progress, desc=f"training built-in ViLT, stage {k + 1}/{len(stages)}{canvas}",
+        with tqdm(total=steps, disable=not progress, desc=f"training {name}, stage {k + 1}/{len(stages)}{canvas}",
                   unit="step") as bar:
             for values in train_steps(stage_batches(data, steps), losses, optimizer, scheduler, model.parameters()):
                 history.append({key: v for key, v in values.items() if key != "loss"})
@@ -258,5 +268,4 @@ def fit(model: ViltForQuestionAnswering, stages: list[tuple[DigitsVQA, int]], ba
                 if len(history) % 10 == 1:
                     bar.set_postfix({key: f"{np.mean([h[key] for h in history[-20:]]):.2f}"
                                      for key in ("answer", "patch", "layout")})
-    model.eval()
     return history

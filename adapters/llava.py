@@ -196,6 +196,10 @@ class LlavaAdapter(Adapter):
         handle.start_forward()
         if not has_image:
             return None  # no image: the forward runs unreduced
+        if kwargs.get("labels") is not None:
+            raise ValueError("llava adapter: labels= in a reduced prefill: its logits cover the kept positions only "
+                             "(fewer than input_ids), so they cannot be aligned with the labels; compute a loss "
+                             "without the handle attached, or from the logits of the last position")
         self.state = self._new_state(handle, input_ids, is_image, kwargs)
         if self.placement == "decoder-input":
             return self._shrink_prompt(handle, args, kwargs, is_image)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -36,12 +37,17 @@ def _method_configs(methods: list[str], specs: Sequence[str], task: Any) -> dict
     from pumer_plug.evaluation.tasks import load_config
 
     chosen: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for spec in specs:
         method, _, value = spec.rpartition("=") if "=" in spec else ("", "", spec)
         targets = [method] if method else methods
         for m in targets:
             if m not in methods:
                 raise UserError(f"--config {spec!r} names method {m!r}, which is not in --methods {methods}")
+            if m in given:
+                raise UserError(f"--config {spec!r} gives method {m!r} a second config (after --config {given[m]!r}); "
+                                "one config per method (compare several configs of a method with sweep)")
+            given[m] = spec
             chosen[m] = load_config(m, value)
     return {m: chosen.get(m) or task.default_config(m) for m in methods}
 
@@ -102,7 +108,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError(f"--find-batch-size needs a CUDA device, got --device {args.device}; pass --batch-size instead")
     _output_folder(args.output)
     methods = _parse_methods(args.methods)
-    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, retrain=args.retrain))
+    task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, retrain=args.retrain,
+                                             num_test_examples=args.num_test_examples))
     configs = _method_configs(methods, args.config or [], task)
     specs = [MethodSpec(m, configs[m]) for m in methods]
     if task.generates:  # a decoder VLM: time to first token, decode tokens/s, KV cache
@@ -323,10 +330,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise UserError("sweep --tuned searches in one process; run it without torchrun / accelerate launch "
                             "(sweep --grid runs data-parallel)")
 
+        studies = _output_folder(args.output or "results/sweep/figure5-tuned")  # the tuning studies go to STUDIES/tune/
         task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
-        studies = Path(args.output or "results/sweep/figure5-tuned")  # the tuning studies go to STUDIES/tune/
-        grid = tuned_grid(task, _parse_methods(args.tune_methods), args.tuned, studies, measure=args.tune_measure,
-                          budget=args.tune_budget, device=args.device)
+        methods = _parse_methods(args.tune_methods) if args.tune_methods else None  # None: every method that fits
+        grid = tuned_grid(task, methods, args.tuned, studies, measure=args.tune_measure, budget=args.tune_budget,
+                          device=args.device)
     elif args.grid is None:
         raise UserError("sweep needs --grid PRESET_OR_FILE or --tuned TARGETS")
     else:
@@ -348,13 +356,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     if not records:
         print(f"every point of {grid.name} has finished in {results}; nothing to measure")
+    references = task.reference_accuracies() if records else {}
+    floor = max(references.values(), default=0.0)  # below it: worse than ignoring the image (marked !)
     rows = [[r.get("method", "dense"), ", ".join(r.get("labels") or [r["label"]]), r["status"],
-             "-" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}%",
+             "-" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}%" + (" !" if r["accuracy"] < floor else ""),
              "-" if r.get("throughput_increase") is None else f"{r['throughput_increase']:.2f}x", r.get("error") or ""]
             for r in records]
     if rows:
         print(tabulate(rows, headers=["method", "label", "status", "accuracy", task.speedup_label, "error"],
                        tablefmt="github", disable_numparse=True))
+    if references:
+        from pumer_plug.evaluation.studies.report import format_references
+
+        print(format_references(references, [{"method": ", ".join(r.get("labels") or [r["label"]]), "accuracy": r["accuracy"]}
+                                             for r in records if r.get("accuracy") is not None]))
     failed = sum(r["status"] == "error" for r in records)
     print(f"\nwritten: {results}" + (f" ({failed} point(s) failed; re-run to retry them)" if failed else ""))
     if not args.no_plot:
@@ -382,8 +397,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     method = _parse_methods(args.method)[0] if "," not in args.method else None
     if method is None or method == "dense":
         raise UserError(f"--method takes one reduction method, got {args.method!r}")
+    output = _output_folder(args.output or f"results/tune/{method}-x{args.target_speedup:g}-{args.measure}")
     task = get_task(args.task, _task_options(args, cache_dir=args.cache_dir, num_test_examples=args.num_test_examples))
-    output = Path(args.output or f"results/tune/{method}-x{args.target_speedup:g}-{args.measure}")
     result = run_tune(task, method, args.target_speedup, measure=args.measure, budget=args.budget, output_dir=output,
                       num_val_examples=args.num_val_examples, batch_size=args.batch_size, confirm=args.confirm,
                       flops_margin=args.flops_margin, rounds=args.rounds, timing_batches=args.timing_batches,
@@ -405,22 +420,39 @@ def cmd_tune(args: argparse.Namespace) -> int:
         write_results(result.rows, output, references)
     if references:
         print(format_references(references, result.rows))
-    print(f"\nwritten: {result.config_path} (pumer-plug compare --methods dense,{method} "
-          f"--config {method}={result.config_path}), {output}/frontier.jsonl, {output}/results.jsonl")
+    compare = shlex.join(["pumer-plug", "compare", *_task_flags(args), "--methods", f"dense,{method}",
+                          "--config", f"{method}={result.config_path}"])
+    print(f"\nwritten: {result.config_path} ({compare}), {output}/frontier.jsonl, {output}/results.jsonl")
     return 0
 
 
+def _task_flags(args: argparse.Namespace) -> list[str]:
+    """The options that chose the task, its model and data, as a command line takes them again."""
+    flags = ["--task", args.task]
+    for option in ("model", "data_dir", "split", "limit", "cache_dir", "num_test_examples"):
+        value = getattr(args, option, None)
+        if value is not None:
+            flags += [f"--{option.replace('_', '-')}", str(value)]
+    return flags + (["--trust-remote-code"] if getattr(args, "trust_remote_code", False) else [])
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    from pumer_plug.evaluation.studies.show import run_show
+    from pumer_plug.evaluation.studies.show import example, run_show
     from pumer_plug.evaluation.tasks import TaskOptions, get_task, load_config
 
     method = _parse_methods(args.method)[0] if "," not in args.method else None
     if method is None:
         raise UserError(f"--method takes one reduction method, got {args.method!r}")
+    if (args.image is None) != (args.question is None):
+        raise UserError("--image and --question go together")
+    if args.image is not None and not Path(args.image).is_file():
+        raise UserError(f"--image {args.image}: no such file")
     _output_folder(args.output)  # a file there is refused before any work
     task = get_task(args.task, TaskOptions(cache_dir=args.cache_dir, model=args.model, data_dir=args.data_dir,
                                            trust_remote_code=args.trust_remote_code))
     config = load_config(method, args.config) if args.config else task.default_config(method)
+    if args.image is None:
+        example(task, args.split, max(args.index))  # an index past the split is refused before anything is drawn
     written = []
     for index in args.index if args.image is None else [None]:
         result, paths = run_show(task, method, config, split=args.split, index=index or 0, output_dir=args.output,

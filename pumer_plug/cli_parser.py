@@ -114,6 +114,8 @@ def _compare_parser(sub: Any, run: Command) -> None:
                    help="print every column and the full config descriptions (default: a table that fits 120 columns)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached (default: $PUMER_PLUG_CACHE or ~/.cache/pumer-plug)")
     p.add_argument("--retrain", action="store_true", help="retrain the built-in model even if a cached one exists")
+    p.add_argument("--num-test-examples", type=_positive_int, default=None,
+                   help="built-in tasks: test split size (default: the task's, 1000); user data: --limit")
     _add_data_options(p)
     _add_common(p)
     p.set_defaults(func=run)
@@ -176,11 +178,13 @@ def _sweep_parser(sub: Any, run: Command) -> None:
                                    "lines; re-running skips finished points. Presets: figure5, table3, table4 "
                                    "(the paper's studies scaled to the built-in 6-layer model). Grid file format: "
                                    "docs/grids.md, example docs/grids/example.yaml.")
-    p.add_argument("--grid", default=None, metavar="PRESET_OR_FILE", help="figure5, table3, table4, or a YAML/JSON grid file")
+    p.add_argument("--grid", default=None, metavar="PRESET_OR_FILE", help="figure5, table3, table4 (encoder tasks), decoder-budgets (--task builtin-llava), or a YAML/JSON grid file (docs/grids.md)")
     p.add_argument("--tuned", type=_targets, default=None, metavar="X,Y,...",
                    help="instead of --grid: tune each of --tune-methods at these speed-up targets (val) and sweep "
                         "the tuned configs, e.g. 1.2,1.4,1.6,1.8 (Figure 5 from tuned points)")
-    p.add_argument("--tune-methods", default="pumer,tome,dynamicvit,smres", help="methods for --tuned (default: all four)")
+    p.add_argument("--tune-methods", default=None,
+                   help="methods for --tuned (default: every method with a search space that fits the task's model: "
+                        "pumer, tome, dynamicvit, smres on the built-in ViLT; pumer, fastv, random, pool on builtin-llava)")
     p.add_argument("--tune-measure", choices=("flops", "throughput"), default="flops", help="target measure for --tuned (default: flops)")
     p.add_argument("--tune-budget", type=_positive_int, default=40, help="trials per method and target for --tuned (default: 40)")
     p.add_argument("--task", default="builtin", help="task name (default: builtin)")
@@ -191,7 +195,7 @@ def _sweep_parser(sub: Any, run: Command) -> None:
     p.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds per point; the median is reported (default: 3)")
     p.add_argument("--timing-batches", type=_positive_int, default=2, help="test batches per timed round (default: 2)")
     p.add_argument("--no-plot", action="store_true", help="do not write the figure and tables at the end")
-    p.add_argument("--list-points", action="store_true", help="print the grid's points and keys, measure nothing")
+    p.add_argument("--list-points", action="store_true", help="print the grid's points (method, label, group, finetune overrides), measure nothing")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is cached")
     _add_finetune_options(p)
     _add_data_options(p)
@@ -248,7 +252,7 @@ def _show_parser(sub: Any, run: Command) -> None:
     p.add_argument("--task", default="builtin", help="task name (default: builtin)")
     p.add_argument("--split", default="test", help="split to draw from (default: test)")
     p.add_argument("--index", type=_non_negative_int, nargs="+", default=[0], help="example index(es) in the split (default: 0)")
-    p.add_argument("--image", default=None, help="instead of --index: an image file to draw (with --question)")
+    p.add_argument("--image", default=None, help="instead of --index: an image file to draw (with --question; the built-in ViLT task only)")
     p.add_argument("--question", default=None, help="the question about --image")
     p.add_argument("--model", default=None, help="the model the task loads (tasks on a user's checkpoint)")
     p.add_argument("--data-dir", default=None, help="the task's data folder (tasks on a user's data: docs/reproduce.md)")

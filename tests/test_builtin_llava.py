@@ -276,3 +276,64 @@ def test_decoder_table_marks_accuracies_below_the_trivial_predictors():
     lines = format_decoder_table(rows, references).splitlines()
     assert "96.0 !" not in lines[2] and "25.7 !" in lines[3]
     assert "! below the question-only prior (31.8%)" in format_references(references, rows) and "pool" in format_references(references, rows)
+
+
+def test_tune_prints_a_compare_command_that_runs_on_the_tuned_task(tiny_cache, tmp_path, capsys):
+    import shlex
+
+    output = tmp_path / "tune"
+    assert main(["tune", "--task", "builtin-llava", "--method", "fastv", "--target-speedup", "1.2", "--budget", "2",
+                 "--num-val-examples", "4", "--num-test-examples", "4", "--batch-size", "4", "--rounds", "1",
+                 "--timing-batches", "1", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "reference points on the same examples" in out
+    command = out.split("written: ")[1].split(" (", 1)[1].split("), ")[0]
+    assert command.startswith("pumer-plug compare --task builtin-llava ") and "--num-test-examples 4" in command
+    argv = shlex.split(command)[1:] + ["--rounds", "1", "--batch-size", "4", "--output", str(tmp_path / "compare")]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "compare" / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", "fastv"] and rows[0]["image_tokens_kept"] == 144
+
+
+def test_sweep_tuned_tunes_the_methods_that_fit_the_llava_and_refuses_others_first(tiny_cache, capsys):
+    from pumer_plug.evaluation.studies.tune import tunable_methods
+
+    task = get_task("builtin-llava")
+    assert tunable_methods(task) == ["fastv", "pool", "pumer", "random"]
+    assert main(["sweep", "--task", "builtin-llava", "--tuned", "2", "--tune-methods", "pumer,tome",
+                 "--output", str(tiny_cache[0] / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert "tome" in err and "nothing was evaluated" in err and not (tiny_cache[0] / "sweep").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "--methods", "dense,fastv", "--config", "fastv=keep64", "--config", "fastv=keep128"],
+    ["show", "--method", "fastv", "--index", "0", "5000"],
+    ["show", "--method", "fastv", "--image", "/nonexistent.png", "--question", "what digit ?"],
+])
+def test_bad_command_lines_are_refused_before_anything_is_written(tiny_cache, tmp_path, capsys, argv):
+    output = tmp_path / "out"
+    assert main([*argv, "--task", "builtin-llava", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert any(word in err for word in ("second config", "has 6 examples", "no such file"))
+    assert not output.exists() or not any(output.iterdir())
+
+
+@pytest.mark.parametrize("command", [["tune", "--method", "fastv", "--target-speedup", "2"],
+                                     ["sweep", "--tuned", "2"]])
+def test_tune_and_sweep_tuned_refuse_an_output_that_is_a_file(tiny_cache, tmp_path, capsys, command):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main([*command, "--task", "builtin-llava", "--output", str(afile)]) == 2
+    assert f"--output {afile} is a file" in capsys.readouterr().err
+    assert afile.read_text() == ""
+
+
+def test_compare_sizes_the_builtin_test_split_and_points_limit_users_there(tiny_cache, tmp_path, capsys):
+    assert main(["compare", "--task", "builtin-llava", "--methods", "dense", "--limit", "3"]) == 2
+    assert "--num-test-examples" in capsys.readouterr().err
+    output = tmp_path / "compare"
+    assert main(["compare", "--task", "builtin-llava", "--methods", "dense", "--num-test-examples", "3",
+                 "--rounds", "1", "--output", str(output)]) == 0
+    (row,) = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert row["method"] == "dense" and round(3 * row["accuracy"], 9) == round(3 * row["accuracy"])  # of 3 examples

@@ -73,6 +73,8 @@ class TinyTask(Task):
         return classification_accuracy(model, batches)
 
     def default_config(self, method):
+        if method != "pumer":
+            return super().default_config(method)
         return PumerConfig(reduction_layers=(0, 1), prune_ratio=0.2, image_merge_ratio=0.3, text_merge_ratio=0.2)
 
 

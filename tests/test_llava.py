@@ -208,6 +208,17 @@ def test_keep_count_above_the_image_tokens_fails_at_forward_start(model):
             last_logits(model, llava_batch())
 
 
+@pytest.mark.parametrize("method", ["pumer", "fastv"])
+def test_labels_in_a_reduced_prefill_are_refused_and_the_last_logits_stay_usable(model, method):
+    batch = llava_batch()
+    with pumer_plug.apply(model, adapter="llava", method=method, config=reducing(method)):
+        with pytest.raises(ValueError, match="labels= in a reduced prefill"):
+            model(**batch, labels=batch["input_ids"])
+        logits = model(**batch).logits
+    assert logits.shape[1] < batch["input_ids"].shape[1]  # the kept positions only
+    model(**batch, labels=batch["input_ids"])  # without the handle: the loss as usual
+
+
 def test_bad_config_values_are_refused():
     from pumer_plug.baselines.fastv import FastVConfig
     from pumer_plug.baselines.pool import PoolConfig

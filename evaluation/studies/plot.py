@@ -240,7 +240,7 @@ def _caption(dense: dict[str, Any] | None, points: Sequence[dict[str, Any]]) -> 
     first = points[0] if points else dense or {}
     return (f"Task `{first.get('task')}`, {first.get('num_test_examples') or 'default'} test examples, "
             f"{first.get('device_name') or first.get('device')}, batch size {first.get('batch_size')}, "
-            f"{first.get('rounds')} timed rounds. Accuracy change in points against the dense model; "
+            f"{first.get('rounds')} timed round(s). Accuracy change in points against the dense model; "
             "ratios against the dense model of the same run."
             + (" Rows that share one measurement (the same method and config, e.g. 'w/o distillation' without "
                "--finetune) show the same numbers." if any(len(r.get("labels") or ()) > 1 for r in points) else ""))

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from pumer_plug.errors import UserError
 from pumer_plug.evaluation.measure import Variant, measure_flops, measure_throughput
 from pumer_plug.evaluation.studies.compare import MethodSpec, run_compare
-from pumer_plug.evaluation.tasks.base import Predictions, Task, attach_method, load_config, on_device
+from pumer_plug.evaluation.tasks.base import (Predictions, Task, attach_method, check_methods_fit, load_config,
+                                             on_device)
 from pumer_plug.evaluation.training.finetune_config import config_to_dict
 from pumer_plug.method import ReductionMethod
 from pumer_plug.placement import placement
@@ -220,7 +221,7 @@ def run_tune(task: Task, method: str, target_speedup: float, *, measure: str = "
     if target_speedup <= 1.0:
         raise UserError(f"--target-speedup must be above 1, got {target_speedup}")
     method_cls = METHODS.get(method)
-    if method_cls.suggest_config.__func__ is ReductionMethod.suggest_config.__func__:
+    if not _has_search_space(method):
         raise UserError(f"method {method!r} defines no search space (ReductionMethod.suggest_config)")
     output = Path(output_dir)
     dev = torch.device(device)
@@ -315,15 +316,50 @@ def tune_many(task: Task, methods: Sequence[str], targets: Sequence[float], outp
     return results
 
 
-def tuned_grid(task: Task, methods: Sequence[str], targets: Sequence[float], output_dir: str | Path,
+def _has_search_space(method: str) -> bool:
+    return METHODS.get(method).suggest_config.__func__ is not ReductionMethod.suggest_config.__func__
+
+
+def tunable_methods(task: Task, methods: Sequence[str] | None = None) -> list[str]:
+    """``methods`` checked against the task's model before any search, or (None) every registered
+    method with a search space that attaches to it (e.g. pumer, tome, dynamicvit, smres on the
+    built-in ViLT; pumer, fastv, random, pool on the built-in LLaVA).
+
+    Raises:
+        UserError: one of ``methods`` has no search space or does not fit the task's model (naming it).
+    """
+    model = task.load_model(torch.device("cpu")).eval()
+    if methods is None:
+        fitting = []
+        for name in METHODS.list():
+            try:
+                check_methods_fit(model, task.adapter, [(name, task.default_config(name))])
+            except (UserError, ValueError):
+                continue
+            if _has_search_space(name):
+                fitting.append(name)
+        return fitting
+    for name in methods:
+        if not _has_search_space(name):
+            raise UserError(f"method {name!r} defines no search space (ReductionMethod.suggest_config)")
+    check_methods_fit(model, task.adapter, [(name, task.default_config(name)) for name in methods])
+    return list(methods)
+
+
+def tuned_grid(task: Task, methods: Sequence[str] | None, targets: Sequence[float], output_dir: str | Path,
                **options: Any) -> Any:
-    """A sweep grid of each method tuned at each target (``sweep --tuned``: Figure 5 from tuned points).
+    """A sweep grid of each method tuned at each target (``sweep --tuned``: Figure 5 from tuned points);
+    ``methods`` None: every method that fits the task's model (:func:`tunable_methods`).
 
     The studies live in ``output_dir/tune/<method>-x<target>/``, so a re-run resumes them and the
     sweep then skips points it already measured.
+
+    Raises:
+        UserError: a method does not fit the task's model (before any search), or no method reached a target.
     """
     from pumer_plug.evaluation.studies.sweep import Grid, SweepPoint
 
+    methods = tunable_methods(task, methods)
     points = []
     for method, target, result in tune_many(task, methods, targets, output_dir, **options):
         if result.chosen is None:

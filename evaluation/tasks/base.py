@@ -193,7 +193,9 @@ class Task:
         unused = sorted(k for k, v in vars(self.options).items()
                         if v not in (None, False) and k not in self.accepted_options)
         if unused:
-            raise UserError(f"task {self.name!r} does not take {', '.join('--' + k.replace('_', '-') for k in unused)}")
+            hint = ("; its test split is sized by --num-test-examples" if "limit" in unused
+                    and "num_test_examples" in self.accepted_options else "")
+            raise UserError(f"task {self.name!r} does not take {', '.join('--' + k.replace('_', '-') for k in unused)}{hint}")
 
     # -- required ------------------------------------------------------------------------------------
     def load_model(self, device: torch.device) -> nn.Module:

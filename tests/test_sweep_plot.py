@@ -248,3 +248,10 @@ def test_point_labels_stay_inside_the_axes_at_the_extremes():
         for frame in (inside_figure, inside_axes):
             assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, \
                 (annotation.get_text(), box, frame)
+
+
+def test_plot_names_a_compare_results_file_as_not_a_sweeps(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"method": "dense", "accuracy": 0.9, "throughput_per_s": 10.0}) + "\n")
+    assert main(["plot", str(results), "--output", str(tmp_path / "fig")]) == 2
+    assert "is not a sweep results file" in capsys.readouterr().err

@@ -251,14 +251,18 @@ def plot_results(results_path: str | Path, output_dir: str | Path | None = None,
     """Writes the trade-off figure (PNG, SVG) and the Table 3/4 layouts from a sweep's results.
 
     Raises:
-        ValueError: the file has no finished point.
+        UserError: no such file, not a sweep results file, or no finished point in it.
     """
     from pumer_plug.evaluation.studies.sweep import read_records
 
     results_path = Path(results_path)
     if not results_path.exists():
         raise UserError(f"no results file {results_path}; run `pumer-plug sweep` first")
-    dense, points = select_records(read_records(results_path))
+    records = read_records(results_path)
+    if records and not any("status" in r and "key" in r for r in records):
+        raise UserError(f"{results_path} is not a sweep results file (no record has a sweep point's key and status); "
+                        "plot reads what `pumer-plug sweep` writes, e.g. results/sweep/figure5/results.jsonl")
+    dense, points = select_records(records)
     if not points:
         raise UserError(f"{results_path} has no finished point to plot")
     output = Path(output_dir) if output_dir is not None else results_path.parent

@@ -200,7 +200,7 @@ def _compare_generative(task: Any, specs: list, args: argparse.Namespace) -> int
     print(format_decoder_table(rows, references))
     print(format_references(references, rows))
     paths = write_decoder_results(rows, args.output, references)
-    print(f"\nwritten: {paths['jsonl']} and {paths['markdown']}")
+    print(f"\nwritten: {paths['jsonl']} and {paths['markdown']} (full configs, environment)")
     return 0
 
 
@@ -316,11 +316,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``sweep`` warns when a point's speed-up exceeds its FLOPs reduction by more than this factor
+NOISY_SPEEDUP = 1.5
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from pumer_plug.evaluation.studies.plot import plot_results
-    from pumer_plug.evaluation.studies.sweep import load_grid, run_sweep
+    from pumer_plug.evaluation.studies.sweep import load_grid, read_records, run_sweep
     from pumer_plug.evaluation.tasks import get_task
 
     if args.tuned:
@@ -370,6 +374,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         print(format_references(references, [{"method": ", ".join(r.get("labels") or [r["label"]]), "accuracy": r["accuracy"]}
                                              for r in records if r.get("accuracy") is not None]))
+    noisy = [r for r in records if r.get("throughput_increase") and r.get("flops_ratio")
+             and r["throughput_increase"] * r["flops_ratio"] > NOISY_SPEEDUP]
+    if noisy:  # a speed-up well beyond the FLOPs cut: timing disturbed (other jobs on the cores), not a gain
+        print(f"warning: speed-up above {NOISY_SPEEDUP:g}x the FLOPs reduction, likely timing noise (other jobs on the "
+              f"cores?); re-run those points alone or with more --rounds: "
+              + ", ".join(f"{', '.join(r.get('labels') or [r['label']])} {r['throughput_increase']:.2f}x vs "
+                          f"{1 / r['flops_ratio']:.2f}x fewer FLOPs" for r in noisy))
+    if records and len(read_records(results)) > len(records):  # a resumed sweep: earlier runs' points are in the file
+        print(f"(this run's points only; every finished point of {grid.name}: {results}"
+              + ("" if args.no_plot else f" and {output / 'table.md'}") + ")")
     failed = sum(r["status"] == "error" for r in records)
     print(f"\nwritten: {results}" + (f" ({failed} point(s) failed; re-run to retry them)" if failed else ""))
     if not args.no_plot:

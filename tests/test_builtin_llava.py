@@ -140,6 +140,10 @@ def test_compare_prints_every_decoder_method_within_120_columns(tiny_cache, tmp_
     rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == ["dense", *METHODS]
     assert [r["image_tokens_kept"] for r in rows] == [144, 36, 36, 36, 36]
+    assert {r["attention_kernel"] for r in rows} == {"sdpa"}
+    markdown = (output / "results.md").read_text()  # a markdown table with the full configs, and the environment
+    assert all(f"| {r['config']} " in markdown for r in rows) and "## Environment" in markdown
+    assert "- attention_kernel: sdpa" in markdown
     assert all(r["prefill_gflops"] < rows[0]["prefill_gflops"] and r["kv_cache_mib"] < rows[0]["kv_cache_mib"]
                for r in rows[1:])
     assert all(0 <= r["accuracy"] <= 1 and r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
@@ -174,6 +178,7 @@ def test_sweep_decoder_budgets_and_plot_accuracy_vs_prefill_speedup_and_kept_tok
     records = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
     dense, points = records[0], records[1:]
     assert all(r["status"] == "ok" for r in records) and dense["image_tokens"] == 144
+    assert {r["attention_kernel"] for r in records} == {"sdpa"}  # what the LLaVA runs, as compare records it
     kept = {(r["method"], r["image_tokens_kept"]) for r in points}
     assert kept == {(m, k) for m in ("pumer", "fastv", "random") for k in (72, 36, 16, 9)} | {("pool", k) for k in (36, 16, 9)}
     assert all(r["speedup_label"] == "prefill speed-up" and r["flops_ratio"] < 1 for r in points)

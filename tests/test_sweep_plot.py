@@ -255,3 +255,24 @@ def test_plot_names_a_compare_results_file_as_not_a_sweeps(tmp_path, capsys):
     results.write_text(json.dumps({"method": "dense", "accuracy": 0.9, "throughput_per_s": 10.0}) + "\n")
     assert main(["plot", str(results), "--output", str(tmp_path / "fig")]) == 2
     assert "is not a sweep results file" in capsys.readouterr().err
+
+
+def test_sweep_warns_when_a_speedup_exceeds_the_flops_reduction(tmp_path, capsys, monkeypatch):
+    import pumer_plug.evaluation.studies.sweep as sweep
+
+    def fake_run_sweep(task, points, results, **kwargs):  # timings as a disturbed run gave them (helper trial)
+        records = [{"method": None, "label": "dense", "labels": ["dense"], "status": "ok", "accuracy": 0.94,
+                    "throughput_increase": 1.0, "flops_ratio": 1.0},
+                   {"method": "pumer", "label": "PuMer keep 16", "status": "ok", "accuracy": 0.87,
+                    "throughput_increase": 9.14, "flops_ratio": 0.456},
+                   {"method": "pumer", "label": "PuMer keep 36", "status": "ok", "accuracy": 0.93,
+                    "throughput_increase": 1.6, "flops_ratio": 0.6}]
+        results.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    assert main(["sweep", "--grid", "figure5", "--no-plot", "--output", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if line.startswith("warning: speed-up above")]
+    assert len(warning) == 1 and "PuMer keep 16 9.14x vs 2.19x fewer FLOPs" in warning[0]
+    assert "PuMer keep 36" not in warning[0]

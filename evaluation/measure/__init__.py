@@ -17,7 +17,7 @@ Example:
     >>> results["pumer"].throughput_per_s / results["dense"].throughput_per_s  # increase
 """
 from .batch_size import find_batch_size, search_batch_size
-from .environment import environment_record
+from .environment import attention_kernel, environment_record
 from .flops import measure_flops, measure_flops_by_module
 from .memory import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, MEMORY_METHODS, MIB, LiveStorageTracker, MemoryResult,
                      measure_peak_memory, weights_bytes)
@@ -26,7 +26,7 @@ from .train_memory import measure_train_step_memory, step_loss
 from .variants import DTYPES, AttachFn, Batch, Variant, attached, batch_size_of, inference, to_device
 
 __all__ = [
-    "find_batch_size", "search_batch_size", "environment_record", "measure_flops", "measure_flops_by_module",
+    "attention_kernel", "find_batch_size", "search_batch_size", "environment_record", "measure_flops", "measure_flops_by_module",
     "CPU_MEMORY_METHOD", "CUDA_MEMORY_METHOD", "MEMORY_METHODS", "MIB", "LiveStorageTracker", "MemoryResult",
     "measure_peak_memory", "measure_train_step_memory", "step_loss", "weights_bytes", "ThroughputResult", "measure_throughput", "AttachFn", "Batch",
     "DTYPES", "Variant", "attached", "batch_size_of", "inference", "to_device",

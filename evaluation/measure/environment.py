@@ -27,6 +27,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def attention_kernel(model: Any) -> str:
+    """The attention implementation ``model`` runs: transformers' ``config._attn_implementation``
+    (``"eager"``, ``"sdpa"``, ...), METER's ``config.attn_implementation``, else ``"unspecified"``."""
+    config = getattr(model, "config", None)
+    kernel = getattr(config, "_attn_implementation", None) or getattr(config, "attn_implementation", None)
+    return str(kernel) if kernel else "unspecified"
+
+
 def environment_record(device: torch.device | str, dtype: torch.dtype | str, batch_size: int,
                        num_threads: int | None = None,
                        attention_kernel: str = "unspecified") -> dict[str, Any]:

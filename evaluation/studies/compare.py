@@ -17,8 +17,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pumer_plug.errors import UserError
-from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, environment_record, find_batch_size,
-                                           measure_flops, measure_peak_memory, measure_throughput,
+from pumer_plug.evaluation.measure import (DTYPES, Variant, attached, attention_kernel, environment_record,
+                                           find_batch_size, measure_flops, measure_peak_memory, measure_throughput,
                                            measure_train_step_memory, to_device)
 from pumer_plug.evaluation.studies.report import compare_rows
 from pumer_plug.evaluation.measure.variants import batch_size_of, counting_attaches
@@ -131,7 +131,7 @@ def run_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int | None 
     for v in tqdm(variants, desc="memory and FLOPs", unit="variant", disable=not progress):
         memory[v.name] = measure_peak_memory(model, timing[0], v.attach, device=dev)
         gflops[v.name] = measure_flops(model, timing[0], v.attach, device=dev)
-    env = environment_record(dev, cast, batch_size, torch.get_num_threads(), "eager")
+    env = environment_record(dev, cast, batch_size, torch.get_num_threads(), attention_kernel(model))
     env.update(task=task.name, metric=task.metric, accuracy_processes=procs.count)  # the "accuracy" column holds the task's headline metric
     env.update(task.run_notes())  # what was evaluated: subset, skipped images, label coverage
     rows = compare_rows(variants, environment=env, accuracy=accuracy, throughput=throughput,

@@ -19,10 +19,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from pumer_plug.evaluation.decoder_bench import kv_cache_bytes
-from pumer_plug.evaluation.measure import attached, environment_record
+from pumer_plug.evaluation.measure import attached, attention_kernel, environment_record
 from pumer_plug.evaluation.parallel import Processes
 from pumer_plug.evaluation.studies.compare import MethodSpec, make_variants
 from pumer_plug.evaluation.studies.report import below_references, format_references
@@ -108,7 +109,7 @@ def run_decoder_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int
                 if r:  # round 0 is the warm-up
                     ttft[v.name].append(seconds)
                     decode[v.name].append(new_tokens / steps)
-    env = environment_record(torch.device("cpu"), torch.float32, 1, torch.get_num_threads(), "sdpa")
+    env = environment_record(torch.device("cpu"), torch.float32, 1, torch.get_num_threads(), attention_kernel(model))
     env.update(task=task.name, metric=task.metric, test_batch_size=batch_size, rounds=rounds,
                new_tokens=new_tokens, prompt_tokens=prompt_tokens, load_average_1min=os.getloadavg()[0])
     dense = variants[0].name
@@ -127,23 +128,35 @@ def run_decoder_compare(task: Task, specs: Sequence[MethodSpec], batch_size: int
     return rows
 
 
-def format_decoder_table(rows: Sequence[dict[str, Any]], references: Mapping[str, float] | None = None) -> str:
-    """The printed table: one line per variant, at most 120 columns (``tok/s``: decode tokens/s).
+#: how each column's value is printed (accuracy and its change in points, ratios as "x")
+_FORMATS = {"accuracy_change_points": "{:+.1f}", "ttft_ms": "{:.1f}", "ttft_speedup": "{:.2f}x",
+            "decode_tokens_per_s": "{:.0f}", "kv_cache_mib": "{:.2f}", "prefill_gflops": "{:.3f}",
+            "flops_percent": "{:.1f}"}
+#: row keys that are measurements; every other key of a row is its environment (results.md)
+_MEASURED = {*COLUMNS.values(), "ttft_ms_rounds", "decode_speedup"}
+
+
+def format_decoder_table(rows: Sequence[dict[str, Any]], references: Mapping[str, float] | None = None,
+                         wide: bool = False) -> str:
+    """The table of decoder rows (``tok/s``: decode tokens/s): plain text within 120 columns, config
+    descriptions cut; ``wide``: a markdown table with the full configs (``results.md``).
     An accuracy below the highest of ``references`` (trivial predictors) is marked ``!``, as in
     :func:`~pumer_plug.evaluation.studies.report.format_table`."""
     flagged = set(below_references(rows, references))
 
-    def cell(key: str, value: Any, row: dict[str, Any]) -> Any:
+    def cell(key: str, row: dict[str, Any]) -> str:
+        value = row[key]
         if key == "accuracy":
             return f"{100 * value:.1f}" + (" !" if row["method"] in flagged else "")
-        if key == "config":
+        if key == "config" and not wide:
             value = value.replace("layers=", "L=")
             return value if len(value) <= 24 else value[:23] + "~"
-        if isinstance(value, float):
-            return f"{value:+.1f}" if key == "accuracy_change_points" else f"{value:.3g}"
-        return value
+        return _FORMATS[key].format(value) if key in _FORMATS else str(value)
 
-    table = [list(COLUMNS)] + [[str(cell(k, row[k], row)) for k in COLUMNS.values()] for row in rows]
+    body = [[cell(k, row) for k in COLUMNS.values()] for row in rows]
+    if wide:
+        return tabulate(body, headers=list(COLUMNS), tablefmt="github", disable_numparse=True)
+    table = [list(COLUMNS)] + body
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
              for line in table]
@@ -152,14 +165,21 @@ def format_decoder_table(rows: Sequence[dict[str, Any]], references: Mapping[str
 
 def write_decoder_results(rows: Sequence[dict[str, Any]], output: str | Path,
                           references: dict[str, float] | None = None) -> dict[str, Path]:
-    """Appends the rows to ``results.jsonl`` and rewrites ``results.md`` in ``output``."""
+    """Appends the rows to ``results.jsonl`` and rewrites ``results.md`` in ``output`` (this call's
+    rows with their full configs, the reference accuracies and the environment)."""
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     jsonl, markdown = folder / "results.jsonl", folder / "results.md"
     with jsonl.open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    text = "```\n" + format_decoder_table(rows, references) + "\n```\n"
+    lines = ["# Results", "", format_decoder_table(rows, references, wide=True), "",
+             "acc %: accuracy on the test split; change: points against dense; TTFT: time to first token (the "
+             "prefill, vision tower included, batch size 1); tok/s: decode tokens/s with the KV cache; KV MiB: "
+             "the cache after the prefill; GFLOPs: the prefill's. Ratios against the dense row of the same run."]
     if references:
-        text += "\n" + format_references(references, rows) + "\n"
-    markdown.write_text(text)
+        line = format_references(references, rows)
+        lines += ["", line[0].upper() + line[1:] + "."]
+    lines += ["", "## Environment", ""]
+    lines += [f"- {key}: {value}" for key, value in rows[0].items() if key not in _MEASURED]
+    markdown.write_text("\n".join(lines) + "\n")
     return {"jsonl": jsonl, "markdown": markdown}

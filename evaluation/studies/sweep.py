@@ -59,7 +59,8 @@ from tqdm.auto import tqdm
 
 from pumer_plug.config import read_config_file
 from pumer_plug.errors import UserError
-from pumer_plug.evaluation.measure import Variant, environment_record, measure_flops, measure_peak_memory, measure_throughput
+from pumer_plug.evaluation.measure import (Variant, attention_kernel, environment_record, measure_flops, measure_peak_memory,
+                                          measure_throughput)
 from pumer_plug.evaluation.parallel import Processes
 from pumer_plug.evaluation.studies.report import compare_rows
 from pumer_plug.evaluation.tasks.base import Task, check_methods_fit, load_config, on_device
@@ -311,7 +312,8 @@ def _reference(task: Task, batch_size: int, timing_batches: int, device: str,
             check_methods_fit(model, task.adapter, [(point.method, point.config)], image_tokens)
         except UserError as error:
             raise UserError(f"sweep point {point.label!r}: {error}") from error
-    env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(), "eager")
+    env = environment_record(dev, next(model.parameters()).dtype, batch_size, torch.get_num_threads(),
+                             attention_kernel(model))
     ref = _Reference(task, procs, model, test, timing, dev, {**env, "task": task.name, "metric": task.metric,
                                                              "accuracy_processes": procs.count})
     ref.accuracy = procs.accuracy(task, model, test)
